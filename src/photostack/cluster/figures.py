@@ -1,0 +1,80 @@
+"""Key figures per node for `photostack status` and the dashboard, read in each engine's protocol.
+
+Every read is short and bounded; a node that cannot answer in time shows an ``error`` figure
+instead of holding the status call up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from photostack.cluster.engines import EngineError, postgres_dsn, replication_state
+from photostack.cluster.supervisor import ManagedNode
+from photostack.cluster.topology import Role
+
+__all__ = ["collect"]
+
+_TIMEOUT_S = 1.0
+
+
+async def collect(node: ManagedNode) -> dict[str, Any]:
+    spec = node.spec
+    if spec.role is Role.STORAGE:
+        if spec.replica_of is None:
+            return await _primary(spec.host, spec.port)
+        return await _replica(spec.host, spec.port)
+    if spec.role is Role.CACHE:
+        return await _redis(spec.host, spec.port)
+    return {}
+
+
+async def _primary(host: str, port: int) -> dict[str, Any]:
+    try:
+        rows = await replication_state(postgres_dsn(host, port), timeout_s=_TIMEOUT_S)
+    except EngineError as exc:
+        return {"error": str(exc)}
+    return {
+        "replicas": {str(r["application_name"]): f"{r['state']}/{r['sync_state']}" for r in rows},
+    }
+
+
+async def _replica(host: str, port: int) -> dict[str, Any]:
+    query = (
+        "select pg_is_in_recovery() as in_recovery, status as wal_receiver, "
+        "coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0)::float8 as lag_s "
+        "from (select 1) one left join pg_stat_wal_receiver on true"
+    )
+    try:
+        conn = await asyncpg.connect(postgres_dsn(host, port), timeout=_TIMEOUT_S)
+        try:
+            row = await conn.fetchrow(query, timeout=_TIMEOUT_S)
+        finally:
+            await conn.close(timeout=_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    assert row is not None
+    return {
+        "in_recovery": row["in_recovery"],
+        "wal_receiver": row["wal_receiver"],
+        "replay_age_s": round(row["lag_s"], 3),
+    }
+
+
+async def _redis(host: str, port: int) -> dict[str, Any]:
+    client = aioredis.Redis(host=host, port=port, socket_timeout=_TIMEOUT_S)
+    try:
+        info = await client.info()
+        keys = await client.dbsize()
+    except (RedisError, OSError) as exc:
+        return {"error": str(exc)}
+    finally:
+        await client.aclose()
+    return {
+        "keys": keys,
+        "used_memory": info.get("used_memory_human"),
+        "clients": info.get("connected_clients"),
+    }

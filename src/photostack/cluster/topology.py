@@ -1,0 +1,316 @@
+"""The cluster's shape: one TOML file names every role, its count and its storage groups.
+
+`load_topology` turns the file into frozen values and refuses anything it does not understand
+(an unknown key is a typo until proven otherwise); `layout` turns a topology and a port base into
+the concrete list of nodes with names and ports. Both are pure: no sockets, no processes.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONTROL_PORT_OFFSET",
+    "INTERNAL_PORT_OFFSET",
+    "PRODUCT_GROUPS",
+    "STATIC_PORT_OFFSET",
+    "Layout",
+    "NodeSpec",
+    "Role",
+    "StorageGroup",
+    "Topology",
+    "TopologyError",
+    "bundled_topology",
+    "layout",
+    "load_topology",
+    "parse_topology",
+]
+
+STATIC_PORT_OFFSET = 1
+CONTROL_PORT_OFFSET = 10
+INTERNAL_PORT_OFFSET = 20
+# The product's vertical split: the service needs exactly these storage groups.
+PRODUCT_GROUPS = ("users", "social", "photos")
+_MAX_COUNT = 16
+_MAX_SHARDS = 16
+_MAX_REPLICAS = 4
+
+
+class TopologyError(Exception):
+    """The topology file is missing, unreadable or describes an impossible cluster."""
+
+
+class Role(StrEnum):
+    EDGE = "edge"
+    WEB = "web"
+    APP = "app"
+    CACHE = "cache"
+    STORAGE = "storage"
+
+
+@dataclass(frozen=True)
+class StorageGroup:
+    name: str
+    shards: int
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    host: str
+    edge_count: int
+    web_count: int
+    app_count: int
+    cache_count: int
+    cache_engine: str
+    storage: tuple[StorageGroup, ...]
+
+    def group(self, name: str) -> StorageGroup:
+        for group in self.storage:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a laid-out cluster.
+
+    Storage nodes carry their group and 1-based shard; a replica names the primary it streams from.
+    """
+
+    name: str
+    role: Role
+    host: str
+    port: int
+    group: str | None = None
+    shard: int | None = None
+    replica_of: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_primary(self) -> bool:
+        return self.role is Role.STORAGE and self.replica_of is None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A topology placed on ports: public ports at the base, internal ones above it."""
+
+    topology: Topology
+    port_base: int
+    nodes: tuple[NodeSpec, ...]
+
+    @property
+    def api_port(self) -> int:
+        return self.port_base
+
+    @property
+    def static_port(self) -> int:
+        return self.port_base + STATIC_PORT_OFFSET
+
+    @property
+    def control_port(self) -> int:
+        return self.port_base + CONTROL_PORT_OFFSET
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def by_role(self, role: Role) -> tuple[NodeSpec, ...]:
+        return tuple(n for n in self.nodes if n.role is role)
+
+    def shard_nodes(self, group: str, shard: int) -> tuple[NodeSpec, tuple[NodeSpec, ...]]:
+        """The primary of one shard and its replicas."""
+        members = [n for n in self.nodes if n.group == group and n.shard == shard]
+        primary = next(n for n in members if n.is_primary)
+        return primary, tuple(n for n in members if not n.is_primary)
+
+
+def load_topology(path: Path | None = None) -> Topology:
+    """Read a topology file, or the default one shipped in the package when ``path`` is None."""
+    if path is None:
+        text = resources.files("photostack.cluster").joinpath("topologies/default.toml").read_text()
+        source = "default topology"
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TopologyError(f"cannot read topology {path}: {exc.strerror}") from exc
+        source = str(path)
+    return parse_topology(text, source=source)
+
+
+def bundled_topology(name: str) -> Path:
+    """Path of a topology shipped in the package (``default`` or ``small``)."""
+    ref = resources.files("photostack.cluster").joinpath(f"topologies/{name}.toml")
+    return Path(str(ref))
+
+
+def parse_topology(text: str, *, source: str = "topology") -> Topology:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{source}: not valid TOML: {exc}") from exc
+    _only(raw, {"cluster", "edge", "web", "app", "cache", "storage"}, source)
+    cluster = _table(raw, "cluster", source)
+    _only(cluster, {"name", "host"}, f"{source} [cluster]")
+    name = _str(cluster, "name", "photostack", f"{source} [cluster]")
+    host = _str(cluster, "host", "127.0.0.1", f"{source} [cluster]")
+
+    counts: dict[str, int] = {}
+    for role in ("edge", "web", "app"):
+        table = _table(raw, role, source)
+        _only(table, {"count"}, f"{source} [{role}]")
+        counts[role] = _int(table, "count", 1, f"{source} [{role}]", low=1, high=_MAX_COUNT)
+    cache = _table(raw, "cache", source)
+    _only(cache, {"count", "engine"}, f"{source} [cache]")
+    cache_count = _int(cache, "count", 1, f"{source} [cache]", low=1, high=_MAX_COUNT)
+    cache_engine = _str(cache, "engine", "redis", f"{source} [cache]")
+    if cache_engine != "redis":
+        raise TopologyError(f"{source} [cache]: engine must be 'redis', not {cache_engine!r}")
+
+    storage_raw = _table(raw, "storage", source)
+    groups: list[StorageGroup] = []
+    for group_name in PRODUCT_GROUPS:
+        if group_name not in storage_raw:
+            raise TopologyError(
+                f"{source}: [storage.{group_name}] is missing (the product needs it)"
+            )
+    for group_name, value in storage_raw.items():
+        where = f"{source} [storage.{group_name}]"
+        if group_name not in PRODUCT_GROUPS:
+            raise TopologyError(
+                f"{where}: unknown storage group (known: {', '.join(PRODUCT_GROUPS)})"
+            )
+        if not isinstance(value, dict):
+            raise TopologyError(f"{where}: must be a table")
+        _only(value, {"shards", "replicas"}, where)
+        groups.append(
+            StorageGroup(
+                name=group_name,
+                shards=_int(value, "shards", 1, where, low=1, high=_MAX_SHARDS),
+                replicas=_int(value, "replicas", 1, where, low=0, high=_MAX_REPLICAS),
+            )
+        )
+    groups.sort(key=lambda g: PRODUCT_GROUPS.index(g.name))
+    return Topology(
+        name=name,
+        host=host,
+        edge_count=counts["edge"],
+        web_count=counts["web"],
+        app_count=counts["app"],
+        cache_count=cache_count,
+        cache_engine=cache_engine,
+        storage=tuple(groups),
+    )
+
+
+def layout(topology: Topology, port_base: int) -> Layout:
+    """Name every node and give it a port.
+
+    The first edge listens on the port base (the public API); every internal port lies above
+    ``port_base + INTERNAL_PORT_OFFSET``, so two clusters with bases 100 apart never collide.
+    """
+    highest = port_base + INTERNAL_PORT_OFFSET + _internal_port_count(topology)
+    if port_base < 1024 or highest > 65535:
+        raise TopologyError(
+            f"port base {port_base} puts ports outside 1024-65535 "
+            f"(this topology needs ports up to {highest})"
+        )
+    host = topology.host
+    nodes: list[NodeSpec] = [NodeSpec("edge-1", Role.EDGE, host, port_base)]
+    next_port = port_base + INTERNAL_PORT_OFFSET
+
+    def take() -> int:
+        nonlocal next_port
+        port = next_port
+        next_port += 1
+        return port
+
+    nodes += [
+        NodeSpec(f"edge-{i}", Role.EDGE, host, take()) for i in range(2, topology.edge_count + 1)
+    ]
+    nodes += [
+        NodeSpec(f"web-{i}", Role.WEB, host, take()) for i in range(1, topology.web_count + 1)
+    ]
+    nodes += [
+        NodeSpec(f"app-{i}", Role.APP, host, take()) for i in range(1, topology.app_count + 1)
+    ]
+    nodes += [
+        NodeSpec(f"cache-{i}", Role.CACHE, host, take()) for i in range(1, topology.cache_count + 1)
+    ]
+    for group in topology.storage:
+        for shard in range(1, group.shards + 1):
+            primary = f"{group.name}-{shard}-primary"
+            nodes.append(NodeSpec(primary, Role.STORAGE, host, take(), group.name, shard))
+            nodes += [
+                NodeSpec(
+                    f"{group.name}-{shard}-replica-{r}",
+                    Role.STORAGE,
+                    host,
+                    take(),
+                    group.name,
+                    shard,
+                    replica_of=primary,
+                )
+                for r in range(1, group.replicas + 1)
+            ]
+    return Layout(topology=topology, port_base=port_base, nodes=tuple(nodes))
+
+
+def _internal_port_count(topology: Topology) -> int:
+    storage = sum(g.shards * (1 + g.replicas) for g in topology.storage)
+    return (
+        topology.edge_count
+        - 1
+        + topology.web_count
+        + topology.app_count
+        + topology.cache_count
+        + storage
+    )
+
+
+def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise TopologyError(
+            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _table(raw: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise TopologyError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _int(
+    table: Mapping[str, Any], key: str, default: int, where: str, *, low: int, high: int
+) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TopologyError(f"{where}: {key} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise TopologyError(f"{where}: {key} = {value} is outside {low}..{high}")
+    return value
+
+
+def _str(table: Mapping[str, Any], key: str, default: str, where: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise TopologyError(f"{where}: {key} must be a non-empty string")
+    return value
