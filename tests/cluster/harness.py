@@ -1,0 +1,133 @@
+"""A real cluster through the CLI: `photostack up` on the small topology, driven over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from photostack.cluster.engines import discard_postgres_data
+from photostack.cluster.topology import bundled_topology
+
+READY_DEADLINE_S = 240.0
+
+
+def free_port_base() -> int:
+    """A port base whose public and internal ports (base .. base+60) are all free now."""
+    for base in range(17000, 30000, 100):
+        if all(_is_free(base + i) for i in (*range(0, 2), *range(10, 11), *range(20, 60))):
+            return base
+    raise RuntimeError("no free port range for a test cluster")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class RunningCluster:
+    process: subprocess.Popen[str]
+    data_dir: Path
+    port_base: int
+    lines: list[str] = field(default_factory=list)
+    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port_base}"
+
+    @property
+    def control(self) -> str:
+        return f"http://127.0.0.1:{self.port_base + 10}"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return photostack(*args, "--data-dir", str(self.data_dir), check=check)
+
+    def wait_for_line(self, prefix: str, deadline_s: float) -> str:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            try:
+                line = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"photostack up exited; output:\n{''.join(self.lines)}")
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no {prefix!r} line in {deadline_s}s; output:\n{''.join(self.lines)}")
+
+    def stop(self, timeout_s: float = 120.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def photostack(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "photostack.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=check,
+    )
+
+
+def start_cluster(data_dir: Path, port_base: int, topology: Path | None = None) -> RunningCluster:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "photostack.cli",
+            "up",
+            "--topology",
+            str(topology or bundled_topology("small")),
+            "--data-dir",
+            str(data_dir),
+            "--port-base",
+            str(port_base),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    cluster = RunningCluster(process, data_dir, port_base)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            cluster.lines.append(line)
+            cluster._queue.put(line)
+        cluster._queue.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return cluster
+
+
+@contextlib.contextmanager
+def running_cluster(data_dir: Path, port_base: int | None = None) -> Iterator[RunningCluster]:
+    cluster = start_cluster(data_dir, port_base or free_port_base())
+    try:
+        cluster.wait_for_line("ready: ", READY_DEADLINE_S)
+        yield cluster
+    finally:
+        cluster.stop()
+        discard_postgres_data(data_dir)  # as root it lives outside data_dir
