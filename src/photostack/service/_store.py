@@ -1,0 +1,269 @@
+"""Domain logic for users and follows over the sharded storage groups.
+
+``users``  : users rows on shard(user id); usernames claims on shard(username).
+``social`` : following(user, target) on shard(user); followers(user, follower) on shard(user).
+``photos`` : photos on shard(owner id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from photostack.blocks.storage import ShardRouter
+
+from ._codec import Cursor, format_time, new_id
+
+__all__ = [
+    "DomainError",
+    "EdgeKind",
+    "Page",
+    "SelfFollowError",
+    "UserNotFoundError",
+    "UserStore",
+    "UsernameTakenError",
+]
+
+if TYPE_CHECKING:
+    Pool = asyncpg.Pool[asyncpg.Record]
+
+
+class DomainError(Exception):
+    """Root of the domain's refusals (each maps to one HTTP status)."""
+
+
+class UsernameTakenError(DomainError):
+    pass
+
+
+class UserNotFoundError(DomainError):
+    pass
+
+
+class SelfFollowError(DomainError):
+    pass
+
+
+class EdgeKind(enum.Enum):
+    """Which adjacency list of a user: (table, column naming the other user)."""
+
+    FOLLOWING = ("following", "target_id")
+    FOLLOWERS = ("followers", "follower_id")
+
+    @property
+    def table(self) -> str:
+        return self.value[0]
+
+    @property
+    def other(self) -> str:
+        return self.value[1]
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: Cursor | None
+
+
+def _user_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "username": row["username"],
+        "display_name": row["display_name"],
+        "created_at": format_time(row["created_at"]),
+    }
+
+
+class UserStore:
+    """Users and follows; every method is a few single-shard statements, run concurrently."""
+
+    def __init__(self, router: ShardRouter[Pool]) -> None:
+        self._router = router
+
+    # -- users ---------------------------------------------------------------------------------
+
+    async def create_user(self, username: str, display_name: str | None) -> dict[str, Any]:
+        """Claim ``username`` then write the user. Raises UsernameTakenError."""
+        user_id = new_id()
+        claim_pool = self._router.shard_for("users", username)
+        user_pool = self._router.shard_for("users", user_id)
+        claim_sql = (
+            "INSERT INTO usernames (username, user_id) VALUES ($1, $2) "
+            "ON CONFLICT (username) DO NOTHING RETURNING user_id"
+        )
+        insert_sql = (
+            "INSERT INTO users (id, username, display_name) VALUES ($1, $2, $3) "
+            "RETURNING id, username, display_name, created_at"
+        )
+        if claim_pool is user_pool:  # one shard: claim and row commit together
+            async with claim_pool.acquire() as conn, conn.transaction():
+                if await conn.fetchval(claim_sql, username, user_id) is None:
+                    raise UsernameTakenError(username)
+                row = await conn.fetchrow(insert_sql, user_id, username, display_name)
+        else:  # claim first (the unique point), release it if the row cannot be written
+            if await claim_pool.fetchval(claim_sql, username, user_id) is None:
+                raise UsernameTakenError(username)
+            try:
+                row = await user_pool.fetchrow(insert_sql, user_id, username, display_name)
+            except BaseException:
+                await asyncio.shield(
+                    claim_pool.execute(
+                        "DELETE FROM usernames WHERE username = $1 AND user_id = $2",
+                        username,
+                        user_id,
+                    )
+                )
+                raise
+        assert row is not None
+        return _user_json(row)
+
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        """The public user object with counts. Raises UserNotFoundError."""
+        users = await self.users_with_counts([user_id])
+        if not users:
+            raise UserNotFoundError(user_id)
+        return users[0]
+
+    async def get_user_by_username(self, username: str) -> dict[str, Any]:
+        """Raises UserNotFoundError."""
+        pool = self._router.shard_for("users", username)
+        user_id = await pool.fetchval("SELECT user_id FROM usernames WHERE username = $1", username)
+        if user_id is None:
+            raise UserNotFoundError(username)
+        return await self.get_user(user_id)
+
+    async def users_with_counts(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Public user objects for ``ids`` that exist, in the order given."""
+        if not ids:
+            return []
+        rows, followers, following, photos = await asyncio.gather(
+            self._fetch_users(ids),
+            self._counts("social", "followers", "user_id", ids),
+            self._counts("social", "following", "user_id", ids),
+            self._counts("photos", "photos", "owner_id", ids),
+        )
+        out = []
+        for user_id in ids:
+            row = rows.get(user_id)
+            if row is None:
+                continue
+            user = _user_json(row)
+            user["followers_count"] = followers.get(user_id, 0)
+            user["following_count"] = following.get(user_id, 0)
+            user["photos_count"] = photos.get(user_id, 0)
+            out.append(user)
+        return out
+
+    async def _fetch_users(self, ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+        shards = self._router.shards("users")
+        parts = self._router.split_by_shard("users", ids)
+        results = await asyncio.gather(
+            *(
+                shards[index].fetch(
+                    "SELECT id, username, display_name, created_at FROM users "
+                    "WHERE id = ANY($1::text[])",
+                    keys,
+                )
+                for index, keys in parts.items()
+            )
+        )
+        return {row["id"]: row for rows in results for row in rows}
+
+    async def _counts(
+        self, group: str, table: str, column: str, ids: Sequence[str]
+    ) -> dict[str, int]:
+        shards = self._router.shards(group)
+        parts = self._router.split_by_shard(group, ids)
+        # table/column come from this module's constants, never from input
+        sql = (
+            f"SELECT {column} AS key, count(*) AS n FROM {table} "  # noqa: S608
+            f"WHERE {column} = ANY($1::text[]) GROUP BY {column}"
+        )
+        results = await asyncio.gather(
+            *(shards[index].fetch(sql, keys) for index, keys in parts.items())
+        )
+        return {row["key"]: int(row["n"]) for rows in results for row in rows}
+
+    async def _require_users(self, *ids: str) -> None:
+        found = await self._fetch_users(ids)
+        for user_id in ids:
+            if user_id not in found:
+                raise UserNotFoundError(user_id)
+
+    # -- follows -------------------------------------------------------------------------------
+
+    async def follow(self, user_id: str, target_id: str) -> None:
+        """Idempotent. Forward edge first, then the reverse edge with the same timestamp.
+
+        Raises SelfFollowError, UserNotFoundError. A repeat call repairs a half-written pair.
+        """
+        if user_id == target_id:
+            raise SelfFollowError(user_id)
+        await self._require_users(user_id, target_id)
+        forward = self._router.shard_for("social", user_id)
+        created_at: datetime | None = await forward.fetchval(
+            "INSERT INTO following (user_id, target_id) VALUES ($1, $2) "
+            "ON CONFLICT (user_id, target_id) DO NOTHING RETURNING created_at",
+            user_id,
+            target_id,
+        )
+        if created_at is None:
+            created_at = await forward.fetchval(
+                "SELECT created_at FROM following WHERE user_id = $1 AND target_id = $2",
+                user_id,
+                target_id,
+            )
+            if created_at is None:  # unfollowed concurrently: that later request wins
+                return
+        await self._router.shard_for("social", target_id).execute(
+            "INSERT INTO followers (user_id, follower_id, created_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (user_id, follower_id) DO NOTHING",
+            target_id,
+            user_id,
+            created_at,
+        )
+
+    async def unfollow(self, user_id: str, target_id: str) -> None:
+        """Idempotent. Deletes the reverse edge first, then the forward edge."""
+        await self._router.shard_for("social", target_id).execute(
+            "DELETE FROM followers WHERE user_id = $1 AND follower_id = $2", target_id, user_id
+        )
+        await self._router.shard_for("social", user_id).execute(
+            "DELETE FROM following WHERE user_id = $1 AND target_id = $2", user_id, target_id
+        )
+
+    async def list_edges(
+        self, kind: EdgeKind, user_id: str, limit: int, after: Cursor | None
+    ) -> Page:
+        """One page of ``user_id``'s following or followers, newest edge first.
+
+        Raises UserNotFoundError.
+        """
+        pool = self._router.shard_for("social", user_id)
+        table, other = kind.table, kind.other
+        base = f"SELECT {other} AS other, created_at FROM {table} WHERE user_id = $1"  # noqa: S608
+        order = f" ORDER BY created_at DESC, {other} DESC LIMIT $2"
+        if after is None:
+            edges_q = pool.fetch(base + order, user_id, limit + 1)
+        else:
+            edges_q = pool.fetch(
+                base + f" AND (created_at, {other}) < ($3, $4)" + order,
+                user_id,
+                limit + 1,
+                after.created_at,
+                after.id,
+            )
+        _, edges = await asyncio.gather(self._require_users(user_id), edges_q)
+        page_edges = edges[:limit]
+        next_cursor = None
+        if len(edges) > limit:
+            last = page_edges[-1]
+            next_cursor = Cursor(last["created_at"], last["other"])
+        items = await self.users_with_counts([edge["other"] for edge in page_edges])
+        return Page(items, next_cursor)
