@@ -66,7 +66,9 @@ def _run_edge(spec: dict[str, Any]) -> None:
     from photostack.blocks.proxy import ProxyConfig, ProxyServer
 
     backends = tuple(Backend(b["name"], b["host"], b["port"]) for b in spec["settings"]["backends"])
-    config = ProxyConfig(name=spec["name"], host=spec["host"], port=spec["port"], backends=backends)
+    config = ProxyConfig(
+        backends=backends, listen_host=spec["host"], listen_port=spec["port"], name=spec["name"]
+    )
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from photostack.cluster.engines import run_as
 from photostack.cluster.engines.base import Engine, EngineError
 from photostack.cluster.state import NodeLifecycle, NodeState, RestartPolicy
 from photostack.cluster.topology import NodeSpec, Role
@@ -180,6 +181,11 @@ class Supervisor:
         log_file.write(f"--- photostack: starting {node.name}: {' '.join(spec.argv)}\n".encode())
         env = {**os.environ, **spec.env}
         try:
+            identity = run_as(spec.user)  # user, group and no supplementary groups: drop root fully
+        except EngineError as exc:
+            node.lifecycle.become(NodeState.FAILED)
+            raise StartupError(f"{node.name}: {exc}") from exc
+        try:
             process = await asyncio.create_subprocess_exec(
                 *spec.argv,
                 cwd=spec.cwd,
@@ -187,7 +193,9 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
-                user=spec.user,
+                user=identity.user,
+                group=identity.group,
+                extra_groups=identity.extra_groups,
                 start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops us in order
             )
         except OSError as exc:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import uvicorn
+from starlette.applications import Starlette
 
 from photostack.cluster import figures, plan
 from photostack.cluster.control import ClusterInfo, ControlServer, create_control_app
@@ -98,9 +100,9 @@ async def _run(lay: Layout, data: DataDir, out: Out) -> int:
     try:
         await asyncio.wait({startup, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if startup.done():
-            exc = startup.exception()
-            if exc is not None:
-                out(f"error: {exc}")
+            failure = startup.exception()
+            if failure is not None:
+                out(f"error: {failure}")
                 code = EXIT_STARTUP_FAILED
             else:
                 info.ready = True
@@ -143,11 +145,9 @@ def _check_ports(lay: Layout) -> None:
             raise StartupError(f"{exc} (needed by {name}; choose another --port-base)") from exc
 
 
-def _control_config(app: object, host: str, port: int) -> object:
-    import uvicorn
-
+def _control_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(
-        app,  # type: ignore[arg-type]
+        app,
         host=host,
         port=port,
         log_level="warning",
