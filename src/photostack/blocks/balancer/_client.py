@@ -1,0 +1,86 @@
+"""The smart client: how a web node calls app nodes without a load balancer in between.
+
+It is the upstream core with buffered bodies; the balancing, passive health and retry rule are
+the same objects the edge proxy uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from photostack.blocks.balancer._health import Backend
+from photostack.blocks.balancer._pool import Clock
+from photostack.blocks.balancer._upstream import ClientConfig, Upstream, UpstreamHooks
+
+__all__ = ["SmartClient", "UpstreamResponse"]
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    backend: str
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """First value of header ``name`` (case-insensitive)."""
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        return default
+
+
+class SmartClient:
+    """Round-robin HTTP/1.1 client over a fixed set of backends, with keep-alive pools.
+
+    Any HTTP status is returned as a response (4xx from an app node is the user's answer).
+    ``request`` raises NoBackendAvailable, UpstreamTimeout, UpstreamConnectError or
+    UpstreamProtocolError, all BalancerError.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        config: ClientConfig | None = None,
+        *,
+        hooks: UpstreamHooks | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._upstream = Upstream(backends, config, hooks=hooks, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<SmartClient {self._upstream.pool!r}>"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        timeout_s: float | None = None,
+    ) -> UpstreamResponse:
+        """One request, retried on another backend when the retry rule allows.
+
+        ``timeout_s`` (default ``ClientConfig.request_timeout_s``) bounds the whole call,
+        retries and body included.
+        """
+        loop = asyncio.get_running_loop()
+        total_s = self._upstream.config.request_timeout_s if timeout_s is None else timeout_s
+        deadline = loop.time() + total_s
+        response = await self._upstream.open(
+            method, path, headers=headers, body=body, timeout_s=total_s
+        )
+        async with response:
+            data = await response.read_all(deadline=deadline)
+        return UpstreamResponse(response.status, response.headers, data, response.backend)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Per backend: name, address, state, in_flight, failures, markdowns, connections."""
+        return self._upstream.snapshot()
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
