@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,9 @@ def status(data_dir: Path, port_base: int | None, as_json: bool) -> None:
 
     table = Table(title=f"{cluster['name']} ({'ready' if cluster['ready'] else 'starting'})")
     for column in ("node", "role", "pid", "address", "state", "restarts", "figures"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "figures")
     for node in cluster["nodes"]:
-        figures = " ".join(f"{k}={_short(v)}" for k, v in node["figures"].items())
+        figures = _figures_text(node["figures"])
         table.add_row(
             node["name"],
             node["role"],
@@ -90,15 +91,24 @@ def status(data_dir: Path, port_base: int | None, as_json: bool) -> None:
             str(node["restarts"]),
             figures,
         )
-    console = Console()
+    console = Console(width=max(140, shutil.get_terminal_size().columns))
     console.print(table)
     console.print(" ".join(f"{k}={v}" for k, v in cluster["urls"].items()))
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return ",".join(f"{k}:{v}" for k, v in value.items()) or "-"
-    return str(value)
+def _figures_text(figures: dict[str, Any]) -> str:
+    """One short line of a node's figures (the JSON keeps every detail)."""
+    if "error" in figures:
+        return f"error: {figures['error']}"
+    if "replicas" in figures:
+        replicas = figures["replicas"]
+        return ", ".join(f"{k} {v}" for k, v in replicas.items()) if replicas else "no replica"
+    if "in_recovery" in figures:
+        role = "standby" if figures["in_recovery"] else "NOT in recovery"
+        return (
+            f"{role}, wal receiver {figures['wal_receiver']}, replay age {figures['replay_age_s']}s"
+        )
+    return ", ".join(f"{k} {v}" for k, v in figures.items())
 
 
 def _node_command(command: str, doc: str) -> None:
@@ -108,7 +118,10 @@ def _node_command(command: str, doc: str) -> None:
     @_port_base_option
     def run(node: str, data_dir: Path, port_base: int | None) -> None:
         result = _control(data_dir, port_base, lambda c: c.command(node, command))
-        click.echo(f"{command}: {result['name']} is {result['state']}")
+        if command == "kill":
+            click.echo(f"kill: {result['name']} (pid {result['pid']}) got SIGKILL; it will restart")
+        else:
+            click.echo(f"{command}: {result['name']} is {result['state']}")
 
 
 _node_command("kill", "SIGKILL a node, as a crash would (the supervisor restarts it).")

@@ -9,9 +9,18 @@ from photostack.cluster.state import IllegalTransition, NodeLifecycle, NodeState
 
 def test_a_node_walks_its_normal_life() -> None:
     node = NodeLifecycle("app-1")
-    for state in (NodeState.STARTING, NodeState.READY, NodeState.UNHEALTHY, NodeState.READY,
-                  NodeState.BACKOFF, NodeState.STARTING, NodeState.READY, NodeState.STOPPING,
-                  NodeState.STOPPED, NodeState.STARTING):
+    for state in (
+        NodeState.STARTING,
+        NodeState.READY,
+        NodeState.UNHEALTHY,
+        NodeState.READY,
+        NodeState.BACKOFF,
+        NodeState.STARTING,
+        NodeState.READY,
+        NodeState.STOPPING,
+        NodeState.STOPPED,
+        NodeState.STARTING,
+    ):
         node.become(state)
     assert node.state is NodeState.STARTING
     assert node.is_alive

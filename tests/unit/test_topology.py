@@ -26,7 +26,16 @@ MINIMAL = """
 def test_default_topology_is_the_documented_cluster() -> None:
     lay = layout(load_topology(), 8080)
     names = [n.name for n in lay.nodes]
-    assert names[:8] == ["edge-1", "web-1", "web-2", "app-1", "app-2", "cache-1", "cache-2", "cache-3"]
+    assert names[:8] == [
+        "edge-1",
+        "web-1",
+        "web-2",
+        "app-1",
+        "app-2",
+        "cache-1",
+        "cache-2",
+        "cache-3",
+    ]
     assert lay.node("edge-1").port == 8080
     assert (lay.static_port, lay.control_port) == (8081, 8090)
     storage = [n for n in lay.nodes if n.role is Role.STORAGE]

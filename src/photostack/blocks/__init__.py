@@ -1,1 +1,1 @@
-"""Generic building blocks. They know nothing about photos and never import service, cluster or ops."""
+"""Generic building blocks: nothing about photos; never import service, cluster or ops."""

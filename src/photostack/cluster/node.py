@@ -90,7 +90,9 @@ _ROLES = {"edge": _run_edge, "web": _run_web, "app": _run_app}
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if len(args) != 1:
         print("usage: python -m photostack.cluster.node SPEC.json", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_SPEC

@@ -17,6 +17,7 @@ from photostack.cluster.engines import (
     PostgresInstall,
     RedisConfig,
     RedisEngine,
+    discard_postgres_data,
     ensure_database,
     postgres_data_home,
     postgres_dsn,
@@ -64,6 +65,11 @@ def build(
 ) -> tuple[list[ManagedNode], list[Phase]]:
     data.create()
     secret = data.ensure_secret()
+    link = data.root / "pg"
+    if not link.exists() and not link.is_symlink():
+        # As root, Postgres data lives outside the data dir; a data dir deleted by its user must
+        # not bring its old databases back.
+        discard_postgres_data(data.root)
     pg_home = postgres_data_home(data.root)
     peers = {role: [Peer(n.name, n.host, n.port) for n in lay.by_role(role)] for role in Role}
     storage = shard_dsns(lay)

@@ -112,6 +112,7 @@ async def _run(lay: Layout, data: DataDir, out: Out) -> int:
                 health = asyncio.create_task(supervisor.watch_health())
                 await stopper
                 health.cancel()
+                await asyncio.gather(health, return_exceptions=True)
         else:
             startup.cancel()
             await asyncio.gather(startup, return_exceptions=True)

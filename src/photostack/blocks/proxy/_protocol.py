@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 from collections import deque
 from typing import cast
 
@@ -35,16 +36,8 @@ from photostack.blocks.proxy._metrics import ProxyMetrics
 __all__ = ["ClientConnection", "ProxyContext"]
 
 _JSON = "application/json; charset=utf-8"
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+# Reason phrases for every registered status, built once (the hot path only indexes it).
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 
 class ProxyContext:

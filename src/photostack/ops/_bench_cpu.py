@@ -1,0 +1,85 @@
+"""CPU time of serving processes over a measurement window, per tier.
+
+A tier (edge, web, app, postgres, ...) is a set of root pids; each root counts with all its
+descendants (the Postgres postmaster and every backend, a uvicorn parent and its workers). A
+process is keyed by (pid, create time) so a pid reused inside the window is never subtracted
+from another process's time. Processes that start inside the window count in full; processes
+that exit inside it are lost (their time went to a parent's ``children_*`` fields, which we do
+not read because we walk descendants ourselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import psutil
+
+__all__ = [
+    "CpuSample",
+    "TierRoots",
+    "cpu_used_s",
+    "sample_self",
+    "sample_tiers",
+    "tier_cpu_used_s",
+]
+
+ProcessKey = tuple[int, float]
+CpuSample = Mapping[ProcessKey, float]
+"""(pid, create time) -> user + system CPU seconds, at one instant."""
+
+
+@dataclass(frozen=True)
+class TierRoots:
+    """The processes one tier's CPU is summed over: these pids and all their descendants."""
+
+    tier: str
+    pids: tuple[int, ...]
+
+
+def cpu_used_s(before: CpuSample, after: CpuSample) -> float:
+    """CPU seconds spent between two samples of the same process set.
+
+    Processes absent from ``before`` started in the window and count from zero; a counter that
+    went backwards (it never should) counts as zero rather than a negative time.
+    """
+    return sum(max(0.0, cpu - before.get(key, 0.0)) for key, cpu in after.items())
+
+
+def tier_cpu_used_s(
+    tiers: Iterable[str], before: Mapping[str, CpuSample], after: Mapping[str, CpuSample]
+) -> dict[str, float]:
+    """CPU seconds per tier, in the order ``tiers`` gives; a tier never sampled counts 0."""
+    return {tier: cpu_used_s(before.get(tier, {}), after.get(tier, {})) for tier in tiers}
+
+
+def sample_tiers(roots: Iterable[TierRoots]) -> dict[str, CpuSample]:
+    """Sample every tier's process trees now. Vanished processes are skipped, not raised."""
+    samples: dict[str, CpuSample] = {}
+    for tier in roots:
+        sample = dict(samples.get(tier.tier, {}))
+        for pid in tier.pids:
+            sample.update(_sample_tree(pid))
+        samples[tier.tier] = sample
+    return samples
+
+
+def sample_self() -> float:
+    """This process's user + system CPU seconds (all its threads)."""
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+def _sample_tree(pid: int) -> dict[ProcessKey, float]:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    out: dict[ProcessKey, float] = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.Error), proc.oneshot():
+            times = proc.cpu_times()
+            out[(proc.pid, proc.create_time())] = float(times.user + times.system)
+    return out
