@@ -45,6 +45,7 @@ class RunningCluster:
     port_base: int
     lines: list[str] = field(default_factory=list)
     _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _pump: threading.Thread | None = None
 
     @property
     def api(self) -> str:
@@ -78,6 +79,11 @@ class RunningCluster:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
+        finally:
+            if self._pump is not None:
+                self._pump.join(timeout_s)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
 
 def photostack(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -118,16 +124,21 @@ def start_cluster(data_dir: Path, port_base: int, topology: Path | None = None) 
             cluster._queue.put(line)
         cluster._queue.put(None)
 
-    threading.Thread(target=pump, daemon=True).start()
+    cluster._pump = threading.Thread(target=pump, daemon=True)
+    cluster._pump.start()
     return cluster
 
 
 @contextlib.contextmanager
-def running_cluster(data_dir: Path, port_base: int | None = None) -> Iterator[RunningCluster]:
+def running_cluster(
+    data_dir: Path, port_base: int | None = None, *, discard: bool = True
+) -> Iterator[RunningCluster]:
+    """A cluster for the block's duration; ``discard`` removes its Postgres data afterwards."""
     cluster = start_cluster(data_dir, port_base or free_port_base())
     try:
         cluster.wait_for_line("ready: ", READY_DEADLINE_S)
         yield cluster
     finally:
         cluster.stop()
-        discard_postgres_data(data_dir)  # as root it lives outside data_dir
+        if discard:
+            discard_postgres_data(data_dir)  # as root it lives outside data_dir

@@ -194,7 +194,7 @@ def test_data_survives_a_restart_and_ctrl_c_leaves_nothing_behind(
 ) -> None:
     data_dir = tmp_path_factory.mktemp("restart")
     base = free_port_base()
-    with running_cluster(data_dir, base) as first:
+    with running_cluster(data_dir, base, discard=False) as first:
         with httpx.Client(base_url=first.api, timeout=10) as client:
             user = _new_user(client)
         pids = set(
