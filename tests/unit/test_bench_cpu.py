@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 
 from photostack.ops._bench_cpu import (
+    MachineSample,
     TierRoots,
+    busy_fraction,
     cpu_used_s,
+    sample_machine,
     sample_self,
     sample_tiers,
     tier_cpu_used_s,
@@ -45,6 +49,16 @@ def test_sampling_a_real_tree_includes_the_root_and_skips_vanished_pids() -> Non
     assert os.getpid() in {pid for pid, _ in samples["self"]}
     assert samples["gone"] == {}
     assert sample_self() > 0
+
+
+def test_machine_busy_fraction_is_busy_over_all_cpu_time() -> None:
+    before = MachineSample(busy_s=10.0, idle_s=100.0)
+    after = MachineSample(busy_s=13.0, idle_s=101.0)
+    assert busy_fraction(before, after) == pytest.approx(0.75)
+    assert math.isnan(busy_fraction(before, before))
+    now = sample_machine()
+    assert now.busy_s > 0
+    assert now.idle_s >= 0
 
 
 def _node(name: str, role: str, pid: int | None, group: str | None = None) -> ClusterNode:

@@ -155,3 +155,23 @@ def test_the_method_paragraph_gives_each_targets_measured_count() -> None:
     text = " ".join(b.text for b in section.blocks if isinstance(b, Paragraph))
     assert "at least 1,000 measured requests per target" in text
     assert "1,000 in 0.1 s for the hello, 1,002 in 2.0 s for the cluster" in text
+
+
+def test_the_machine_wide_figure_decides_saturation_and_flags_other_load() -> None:
+    figures = _figures()
+    # ours: 26% busy; the machine: 95% -> someone else used ~69% of the CPUs
+    cluster = replace(figures.cluster, machine_busy_fraction=0.95)
+    hello = replace(figures.hello, machine_busy_fraction=0.55)  # ours 35%
+    text = interpret(replace(figures, cluster=cluster, hello=hello))
+    assert "CPUs were 95% busy, so its req/s is bound by CPU" in text
+    assert "outside the benchmark" in text
+    assert "20% during the hello run, 69% during the cluster run" in text
+
+
+def test_a_quiet_machine_gets_no_noise_note() -> None:
+    figures = _figures()
+    cluster = replace(figures.cluster, machine_busy_fraction=0.30)
+    hello = replace(figures.hello, machine_busy_fraction=0.20)
+    text = interpret(replace(figures, cluster=cluster, hello=hello))
+    assert "only 30% busy" in text
+    assert "outside the benchmark" not in text

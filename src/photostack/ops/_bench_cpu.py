@@ -11,6 +11,7 @@ not read because we walk descendants ourselves).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -18,8 +19,11 @@ import psutil
 
 __all__ = [
     "CpuSample",
+    "MachineSample",
     "TierRoots",
+    "busy_fraction",
     "cpu_used_s",
+    "sample_machine",
     "sample_self",
     "sample_tiers",
     "tier_cpu_used_s",
@@ -28,6 +32,14 @@ __all__ = [
 ProcessKey = tuple[int, float]
 CpuSample = Mapping[ProcessKey, float]
 """(pid, create time) -> user + system CPU seconds, at one instant."""
+
+
+@dataclass(frozen=True)
+class MachineSample:
+    """Whole-machine CPU seconds since boot, summed over CPUs: busy and idle (incl. iowait)."""
+
+    busy_s: float
+    idle_s: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,21 @@ def sample_tiers(roots: Iterable[TierRoots]) -> dict[str, CpuSample]:
             sample.update(_sample_tree(pid))
         samples[tier.tier] = sample
     return samples
+
+
+def busy_fraction(before: MachineSample, after: MachineSample) -> float:
+    """Share of all the machine's CPU time that was busy between two samples (NaN if none)."""
+    busy_s = after.busy_s - before.busy_s
+    total_s = busy_s + after.idle_s - before.idle_s
+    return busy_s / total_s if total_s > 0 else math.nan
+
+
+def sample_machine() -> MachineSample:
+    """Every CPU's time now, by every process on the machine (ours and anyone else's)."""
+    times = psutil.cpu_times()
+    idle_s = times.idle + getattr(times, "iowait", 0.0)
+    busy_s = sum(times) - idle_s - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return MachineSample(busy_s=float(busy_s), idle_s=float(idle_s))
 
 
 def sample_self() -> float:

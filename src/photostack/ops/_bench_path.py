@@ -35,6 +35,8 @@ TIERS = ("edge", "web", "app", "cache", "postgres")
 
 # Above this share of all CPUs busy, throughput is bound by the machine, not by latency.
 _SATURATED_FRACTION = 0.85
+# Above this share of the machine busy with processes outside the benchmark, say so.
+_NOISY_FRACTION = 0.10
 # CPU times move in clock ticks; below this many ticks a target's CPU figure is coarse.
 _MIN_CPU_TICKS = 50
 
@@ -48,6 +50,8 @@ class TargetFigures:
     cpu_s_by_tier: Mapping[str, float]
     processes_by_tier: Mapping[str, int]
     loadgen_cpu_s: float
+    machine_busy_fraction: float = math.nan
+    """Share of all CPUs busy in the window, counting every process on the machine."""
 
     @property
     def cpu_s(self) -> float:
@@ -159,20 +163,7 @@ def interpret(figures: RequestPathFigures) -> str:
             f"per request: forwarding a request costs {verdict} than answering it in bare "
             "uvicorn."
         )
-    busy = cluster.busy_fraction(figures.cpus)
-    if math.isfinite(busy):
-        if busy >= _SATURATED_FRACTION:
-            parts.append(
-                f"During the cluster run the {figures.cpus} CPUs were {_pct(busy)} busy "
-                "(generator included), so its req/s is bound by CPU on this machine; "
-                "CPU µs/request is the figure that carries over to other machines."
-            )
-        else:
-            parts.append(
-                f"During the cluster run the {figures.cpus} CPUs were only {_pct(busy)} busy, "
-                f"so its req/s is bound by per-request latency at concurrency "
-                f"{figures.concurrency}, not by CPU."
-            )
+    parts += _load_notes(figures)
     coarse = [
         f"{t.label} ({t.cpu_s / figures.clock_tick_s:.0f} ticks)"
         for t in (hello, cluster)
@@ -190,6 +181,41 @@ def interpret(figures: RequestPathFigures) -> str:
         "(not counted above)."
     )
     return " ".join(parts)
+
+
+def _load_notes(figures: RequestPathFigures) -> list[str]:
+    """What bounded the cluster run's throughput, and whether others shared the machine."""
+    cluster = figures.cluster
+    ours = cluster.busy_fraction(figures.cpus)
+    machine = cluster.machine_busy_fraction
+    busy = machine if math.isfinite(machine) else ours
+    if not math.isfinite(busy):
+        return []
+    notes = []
+    if busy >= _SATURATED_FRACTION:
+        notes.append(
+            f"During the cluster run the {figures.cpus} CPUs were {_pct(busy)} busy, so its "
+            "req/s is bound by CPU on this machine; CPU µs/request is the figure that "
+            "carries over to other machines."
+        )
+    else:
+        notes.append(
+            f"During the cluster run the {figures.cpus} CPUs were only {_pct(busy)} busy, so "
+            f"its req/s is bound by per-request latency at concurrency {figures.concurrency}, "
+            "not by CPU."
+        )
+    others = [
+        f"{_pct(t.machine_busy_fraction - t.busy_fraction(figures.cpus))} during the "
+        f"{'hello' if t is figures.hello else 'cluster'} run"
+        for t in (figures.hello, cluster)
+        if t.machine_busy_fraction - t.busy_fraction(figures.cpus) >= _NOISY_FRACTION
+    ]
+    if others:
+        notes.append(
+            f"Processes outside the benchmark kept the CPUs busy too ({', '.join(others)}): "
+            "these figures carry that noise; rerun on a quiet machine to compare runs."
+        )
+    return notes
 
 
 def _summary_table(figures: RequestPathFigures) -> Table:

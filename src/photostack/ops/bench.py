@@ -33,7 +33,14 @@ import httpx
 
 from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import CONTROL_PORT_OFFSET
-from photostack.ops._bench_cpu import TierRoots, sample_self, sample_tiers, tier_cpu_used_s
+from photostack.ops._bench_cpu import (
+    TierRoots,
+    busy_fraction,
+    sample_machine,
+    sample_self,
+    sample_tiers,
+    tier_cpu_used_s,
+)
 from photostack.ops._bench_path import (
     CLUSTER_LABEL,
     HELLO_LABEL,
@@ -183,8 +190,12 @@ def _measure(
                 )
             )
         )
+        latencies_s = [ns / 1e9 for ns in warmup.latencies_ns]
         requests = requests_for_window(
-            options.requests, warmup.responses, warmup.elapsed_s, options.min_window_s
+            options.requests,
+            options.concurrency,
+            sum(latencies_s) / len(latencies_s) if latencies_s else math.nan,
+            options.min_window_s,
         )
     plan = LoadPlan(
         host=HOST,
@@ -195,9 +206,10 @@ def _measure(
         duration_cap_s=options.duration_cap_s,
     )
     before = sample_tiers(roots)
-    self_before = sample_self()
+    self_before, machine_before = sample_self(), sample_machine()
     result = runner.run(run_load(plan))
-    self_after = sample_self()  # first: sampling the servers' trees costs CPU here
+    # first: sampling the servers' trees costs CPU in this process
+    self_after, machine_after = sample_self(), sample_machine()
     after = sample_tiers(roots)
     return TargetFigures(
         label=label,
@@ -205,16 +217,21 @@ def _measure(
         cpu_s_by_tier=tier_cpu_used_s(tiers, before, after),
         processes_by_tier={tier: len(after.get(tier, {})) for tier in tiers},
         loadgen_cpu_s=self_after - self_before,
+        machine_busy_fraction=busy_fraction(machine_before, machine_after),
     )
 
 
 def requests_for_window(
-    requests: int, warmup_responses: int, warmup_elapsed_s: float, min_window_s: float
+    requests: int, concurrency: int, mean_latency_s: float, min_window_s: float
 ) -> int:
-    """``requests``, raised so that at the warm-up's rate the run lasts ``min_window_s``."""
-    if warmup_responses <= 0 or warmup_elapsed_s <= 0:
+    """``requests``, raised so that a run at the warm-up's pace lasts ``min_window_s``.
+
+    The pace is Little's law (concurrency ÷ mean latency), which unlike the warm-up's
+    wall time leaves out connection set-up.
+    """
+    if not math.isfinite(mean_latency_s) or mean_latency_s <= 0:
         return requests
-    rate_per_s = warmup_responses / warmup_elapsed_s
+    rate_per_s = concurrency / mean_latency_s
     return max(requests, math.ceil(rate_per_s * min_window_s))
 
 
