@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from photostack.ops.bench import requests_for_window
+from photostack.ops._bench_pathrun import requests_for_window
 
 
 def test_a_slow_target_gets_the_requested_count() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import platform
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "detect_machine",
     "fmt",
     "render_report",
+    "render_sections",
 ]
 
 
@@ -104,6 +106,14 @@ def render_report(report: Report) -> str:
     if report.preamble:
         lines += [report.preamble, ""]
     for section in report.sections:
+        lines += _render_section(section)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_sections(sections: Sequence[Section]) -> str:
+    """Sections alone (no title or machine line), ending with one newline."""
+    lines: list[str] = []
+    for section in sections:
         lines += _render_section(section)
     return "\n".join(lines).rstrip("\n") + "\n"
 
