@@ -11,7 +11,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.cluster.harness import RunningCluster, free_port_base, photostack, running_cluster
+from tests.cluster.harness import (
+    READY_DEADLINE_S,
+    RunningCluster,
+    free_port_base,
+    photostack,
+    running_cluster,
+    start_cluster,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -248,3 +255,30 @@ def test_a_bad_topology_is_a_one_line_error(tmp_path_factory: pytest.TempPathFac
     assert result.returncode == 2
     assert result.stdout.strip().startswith("error: ")
     assert "count = 0" in result.stdout
+
+
+def test_up_after_a_killed_supervisor_stops_its_leftovers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    data_dir = tmp_path_factory.mktemp("orphans")
+    base = free_port_base()
+    first = start_cluster(data_dir, base)
+    try:
+        first.wait_for_line("ready: ", READY_DEADLINE_S)
+        nodes = json.loads(photostack("status", "--json", "--data-dir", str(data_dir)).stdout)
+        orphans = [n["pid"] for n in nodes["nodes"] if n["pid"]]
+        first.process.kill()  # the supervisor dies without stopping its nodes
+        first.process.wait(30)
+        assert all(psutil.pid_exists(pid) for pid in orphans)
+        with running_cluster(data_dir, base) as second:
+            assert "stopping leftover process" in "".join(second.lines)
+            assert not any(_alive(pid) for pid in orphans)
+    finally:
+        first.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -110,11 +110,13 @@ class Supervisor:
         phases: list[list[str]],
         config: SupervisorConfig | None = None,
         on_event: Listener | None = None,
+        on_spawn: Callable[[], None] | None = None,
     ) -> None:
         self.nodes: dict[str, ManagedNode] = {n.name: n for n in nodes}
         self.phases = phases  # start order; shutdown walks it backwards
         self.config = config or SupervisorConfig()
         self._on_event = on_event or (lambda line: None)
+        self._on_spawn = on_spawn or (lambda: None)  # e.g. record pids for leftover clean-up
         self._tasks: set[asyncio.Task[None]] = set()
         self._shutting_down = False
         self._log_files: dict[str, IO[bytes]] = {}
@@ -204,6 +206,7 @@ class Supervisor:
         node.lifecycle.become(NodeState.STARTING)
         node.process = process
         node.started_at = time.monotonic()
+        self._on_spawn()
         self._track(self._watch(node, process))
         return process
 

@@ -158,6 +158,7 @@ def _control_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
 
 
 def _state(lay: Layout, info: ClusterInfo, supervisor: Supervisor) -> dict[str, object]:
+    """What a later `up` or CLI command needs to know about this run (cluster.json)."""
     return {
         "pid": os.getpid(),
         "name": info.name,
@@ -165,10 +166,18 @@ def _state(lay: Layout, info: ClusterInfo, supervisor: Supervisor) -> dict[str, 
         "port_base": lay.port_base,
         "control_url": info.urls["dashboard"],
         "urls": info.urls,
-        "nodes": {
-            n.name: " ".join(n.engine.process_spec().argv) for n in supervisor.nodes.values()
+        # pid and start time: enough to find our own processes again, never a recycled pid
+        "processes": {
+            n.name: [n.pid, _create_time(n.pid)] for n in supervisor.nodes.values() if n.pid
         },
     }
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def _stop_leftovers(data: DataDir, out: Out) -> None:
@@ -177,18 +186,17 @@ def _stop_leftovers(data: DataDir, out: Out) -> None:
     pid = state.get("pid")
     if not isinstance(pid, int) or psutil.pid_exists(pid):
         return
-    commands = set(state.get("nodes", {}).values())
-    if not commands:
-        return
     victims = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline in commands:
-            victims.append(proc)
-    for proc in victims:
-        out(
-            f"  stopping leftover process {proc.pid} from a previous run: {proc.info['cmdline'][0]}"
-        )
+    for name, entry in dict(state.get("processes") or {}).items():
+        try:
+            node_pid, created = entry
+            proc = psutil.Process(node_pid)
+            if created is None or abs(proc.create_time() - created) > 0.01:
+                continue  # the pid was reused by someone else's process
+        except (psutil.Error, TypeError, ValueError):
+            continue
+        out(f"  stopping leftover process {node_pid} ({name}) from a previous run")
         with contextlib.suppress(psutil.Error):
             proc.kill()
+        victims.append(proc)
     psutil.wait_procs(victims, timeout=10)
