@@ -10,9 +10,10 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from photostack.blocks.balancer._config import ClientConfig
 from photostack.blocks.balancer._health import Backend
 from photostack.blocks.balancer._pool import Clock
-from photostack.blocks.balancer._upstream import ClientConfig, Upstream, UpstreamHooks
+from photostack.blocks.balancer._upstream import Upstream, UpstreamHooks
 
 __all__ = ["SmartClient", "UpstreamResponse"]
 
@@ -34,11 +35,12 @@ class UpstreamResponse:
 
 
 class SmartClient:
-    """Round-robin HTTP/1.1 client over a fixed set of backends, with keep-alive pools.
+    """A balancing HTTP/1.1 client over a set of backends, with keep-alive pools.
 
     Any HTTP status is returned as a response (4xx from an app node is the user's answer).
     ``request`` raises NoBackendAvailable, UpstreamTimeout, UpstreamConnectError or
-    UpstreamProtocolError, all BalancerError.
+    UpstreamProtocolError, all BalancerError. ``await start()`` runs the active health checks
+    (when configured); membership changes go through ``upstream``.
     """
 
     def __init__(
@@ -46,13 +48,22 @@ class SmartClient:
         backends: Sequence[Backend],
         config: ClientConfig | None = None,
         *,
-        hooks: UpstreamHooks | None = None,
+        hooks: UpstreamHooks | Sequence[UpstreamHooks] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._upstream = Upstream(backends, config, hooks=hooks, clock=clock)
 
     def __repr__(self) -> str:
         return f"<SmartClient {self._upstream.pool!r}>"
+
+    @property
+    def upstream(self) -> Upstream:
+        """The core: pool, membership (add/drain/remove), strategy, budget."""
+        return self._upstream
+
+    async def start(self) -> None:
+        """Start the active health checks, if the config has them (idempotent)."""
+        await self._upstream.start()
 
     async def request(
         self,

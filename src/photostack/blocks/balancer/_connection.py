@@ -303,9 +303,7 @@ class ConnectionPool:
         self._closed = False
 
     def __repr__(self) -> str:
-        return (
-            f"<ConnectionPool {self.backend.name} open={len(self._all)} idle={len(self._idle)}>"
-        )
+        return f"<ConnectionPool {self.backend.name} open={len(self._all)} idle={len(self._idle)}>"
 
     @property
     def open_connections(self) -> int:

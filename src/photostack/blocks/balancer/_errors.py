@@ -8,6 +8,7 @@ whether the request may have reached it, because that decides whether a retry is
 from __future__ import annotations
 
 __all__ = [
+    "BalancerConfigError",
     "BalancerError",
     "IllegalTransition",
     "NoBackendAvailable",
@@ -21,6 +22,10 @@ __all__ = [
 
 class BalancerError(Exception):
     """Root of every error raised by the balancer block."""
+
+
+class BalancerConfigError(BalancerError, ValueError):
+    """Balancing settings that cannot work (unknown key, bad value). One line for the user."""
 
 
 class IllegalTransition(BalancerError):

@@ -1,12 +1,13 @@
-"""Backend choice: round-robin over the backends that are up, with passive health.
+"""The backends of one upstream group: membership, health records and the choice of a backend.
 
-Pure policy with an injected clock, driven by the asyncio adapters (``_upstream``). A later
-strategy (least-connections, weighted, consistent hash) is another ``choose`` over the same
-health records.
+Pure policy with an injected clock: the asyncio adapters report outcomes and check results and
+ask ``choose``. The strategy is pluggable (``_strategy``); health (``_health``) decides who is
+a candidate; slow start scales each candidate's share.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Sequence
 
@@ -18,18 +19,25 @@ from photostack.blocks.balancer._health import (
     HealthConfig,
     HealthEvent,
 )
+from photostack.blocks.balancer._strategy import Candidate, RoundRobin, Strategy
 
 __all__ = ["BackendPool", "Clock"]
 
 Clock = Callable[[], float]
+Listener = Callable[[str, BackendState, BackendState], None]
+
+_EJECTED_STATES = frozenset({BackendState.DOWN, BackendState.PROBING})
 
 
 class BackendPool:
     """The backends of one upstream group and their health.
 
-    ``choose`` never refuses while some backend is not excluded: when every backend is cooling
-    down, the one whose cool-down ends first is tried, because refusing outright turns a
-    short blip into an outage.
+    ``choose`` never refuses while some backend is neither excluded nor draining: when no backend
+    is a candidate (all ejected or down), the one whose ejection ends first is tried (panic
+    routing), because refusing outright turns a short blip into an outage.
+
+    Expired ejections are probed by one trial request unless ``probe_by_checks`` is set (an
+    active checker runs and its next check is the probe).
     """
 
     def __init__(
@@ -37,83 +45,213 @@ class BackendPool:
         backends: Sequence[Backend],
         config: HealthConfig | None = None,
         *,
+        strategy: Strategy | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         names = [b.name for b in backends]
         if len(set(names)) != len(names):
             raise ValueError(f"backend names must be unique: {names}")
-        self._config = config or HealthConfig()
+        self.config = config or HealthConfig()
         self._clock = clock
-        self._healths = [BackendHealth(b) for b in backends]
-        self._by_name = {h.backend.name: h for h in self._healths}
-        self._cursor = 0
+        now = clock()
+        self._healths = {b.name: BackendHealth(b, now=now) for b in backends}
+        self._strategy: Strategy = strategy or RoundRobin()
+        self._strategy.members_changed(self._weights())
+        self.probe_by_checks = False
+        self.on_transition: Listener | None = None
 
     def __repr__(self) -> str:
-        return f"<BackendPool {self._healths!r}>"
+        return f"<BackendPool {self._strategy.name} {list(self._healths.values())!r}>"
 
     def __len__(self) -> int:
         return len(self._healths)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._healths
+
     @property
     def backends(self) -> list[Backend]:
-        return [h.backend for h in self._healths]
+        return [h.backend for h in self._healths.values()]
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: Strategy) -> None:
+        strategy.members_changed(self._weights())
+        self._strategy = strategy
 
     def health(self, name: str) -> BackendHealth:
         """The live health record of ``name`` (KeyError if unknown)."""
-        return self._by_name[name]
+        return self._healths[name]
 
-    def choose(self, exclude: Collection[str] = ()) -> Backend:
-        """Next backend in round-robin order, skipping excluded and cooling-down ones.
+    def _weights(self) -> dict[str, float]:
+        return {name: h.weight for name, h in self._healths.items()}
 
-        Raises NoBackendAvailable only when every backend is excluded (or there are none).
+    # -- membership --------------------------------------------------------------------------
+
+    def add(self, backend: Backend) -> BackendHealth:
+        """A new member; it serves at once, its share ramping over the slow-start window.
+
+        Raises ValueError if the name is taken.
+        """
+        if backend.name in self._healths:
+            raise ValueError(f"backend {backend.name!r} is already in the pool")
+        health = BackendHealth(backend, now=self._clock(), ramp=True)
+        self._healths[backend.name] = health
+        self._strategy.members_changed(self._weights())
+        return health
+
+    def remove(self, name: str) -> BackendHealth:
+        """Forget a member (KeyError if unknown); drain it first to let its requests finish."""
+        health = self._healths.pop(name)
+        self._strategy.members_changed(self._weights())
+        return health
+
+    def drain(self, name: str) -> None:
+        """No new requests for ``name``; those in flight finish (KeyError if unknown)."""
+        self._apply(self._healths[name], HealthEvent.DRAIN)
+
+    def restore(self, name: str) -> None:
+        """A drained member may serve again after a probe passes (KeyError if unknown)."""
+        health = self._healths[name]
+        if health.state is BackendState.DRAINING:
+            self._apply(health, HealthEvent.RESTORE)
+
+    # -- choice ------------------------------------------------------------------------------
+
+    def choose(self, exclude: Collection[str] = (), key: bytes | None = None) -> Backend:
+        """A backend for one try, by the strategy, skipping excluded and unavailable ones.
+
+        Raises NoBackendAvailable only when every backend is excluded or draining.
         """
         now = self._clock()
-        count = len(self._healths)
-        for step in range(count):
-            index = (self._cursor + step) % count
-            health = self._healths[index]
-            if health.backend.name in exclude or not health.is_available(now):
-                continue
-            self._cursor = index + 1
-            if health.state is BackendState.DOWN:
-                health.apply(HealthEvent.PROBE, now=now, config=self._config)
-            return health.backend
-        left = [h for h in self._healths if h.backend.name not in exclude]
+        slow_start = self.config.slow_start
+        candidates: list[Candidate] = []
+        trial: BackendHealth | None = None
+        for health in self._healths.values():
+            state = health.state
+            if state is BackendState.UP:
+                if health.name in exclude:
+                    continue
+                share = health.share(now, slow_start)
+                candidates.append(
+                    Candidate(health.name, health.weight * share, share, health.in_flight)
+                )
+            elif (
+                trial is None
+                and state is BackendState.DOWN
+                and not self.probe_by_checks
+                and now >= health.ejected_until
+                and health.name not in exclude
+            ):
+                trial = health
+        if trial is not None:
+            self._apply(trial, HealthEvent.PROBE)
+            return trial.backend
+        if candidates:
+            return self._healths[self._strategy.choose(candidates, key)].backend
+        left = [
+            h
+            for h in self._healths.values()
+            if h.name not in exclude and h.state is not BackendState.DRAINING
+        ]
         if not left:
             raise NoBackendAvailable("no backend left to try")
-        health = min(left, key=lambda h: h.down_until)
+        health = min(left, key=lambda h: h.ejected_until if h.state in _EJECTED_STATES else now)
         if health.state is BackendState.DOWN:
-            health.apply(HealthEvent.PROBE, now=now, config=self._config)
+            self._apply(health, HealthEvent.PROBE)
         return health.backend
 
+    # -- outcomes ----------------------------------------------------------------------------
+
     def record_success(self, backend: Backend) -> None:
-        health = self._by_name[backend.name]
-        health.apply(HealthEvent.SUCCESS, now=self._clock(), config=self._config)
+        health = self._healths.get(backend.name)
+        if health is not None:
+            self._apply(health, HealthEvent.SUCCESS)
 
     def record_failure(self, backend: Backend) -> None:
-        health = self._by_name[backend.name]
-        health.apply(HealthEvent.FAILURE, now=self._clock(), config=self._config)
+        """A failed request blamed on ``backend``; may eject it (within the ejection cap)."""
+        health = self._healths.get(backend.name)
+        if health is None:
+            return
+        self._apply(health, HealthEvent.FAILURE)
+        if (
+            health.state is BackendState.UP
+            and health.consecutive_failures >= self.config.eject_after_failures
+            and self._may_eject()
+        ):
+            self._apply(health, HealthEvent.EJECT)
+
+    def _may_eject(self) -> bool:
+        members = [h for h in self._healths.values() if h.state is not BackendState.DRAINING]
+        ejected = sum(1 for h in members if h.state in _EJECTED_STATES)
+        allowed = max(1, math.floor(len(members) * self.config.max_ejection_percent / 100.0))
+        return ejected + 1 <= allowed
+
+    def record_check(self, name: str, ok: bool, *, weight: float | None = None) -> None:
+        """One active check result for ``name`` (ignored if it left the pool meanwhile)."""
+        health = self._healths.get(name)
+        if health is None:
+            return
+        if weight is not None and weight != health.reported_weight:
+            health.reported_weight = weight
+            self._strategy.members_changed(self._weights())
+        checks = self.config.checks
+        state = health.state
+        if ok:
+            health.check_passes += 1
+            health.check_fails = 0
+            if (
+                (state is BackendState.UNHEALTHY and health.check_passes >= checks.rise)
+                or (state is BackendState.DOWN and health.ejection_over(self._clock()))
+                or state is BackendState.PROBING
+            ):
+                self._apply(health, HealthEvent.RISE)
+        else:
+            health.check_fails += 1
+            health.check_passes = 0
+            if state in (BackendState.UP, *_EJECTED_STATES) and health.check_fails >= checks.fall:
+                self._apply(health, HealthEvent.FALL)
 
     def started(self, backend: Backend) -> None:
-        self._by_name[backend.name].in_flight += 1
+        health = self._healths.get(backend.name)
+        if health is not None:
+            health.in_flight += 1
 
-    def finished(self, backend: Backend) -> None:
-        self._by_name[backend.name].in_flight -= 1
+    def finished(self, backend: Backend) -> int:
+        """One request to ``backend`` ended; returns how many are still in flight there."""
+        health = self._healths.get(backend.name)
+        if health is None:
+            return 0
+        health.in_flight -= 1
+        return health.in_flight
+
+    def _apply(self, health: BackendHealth, event: HealthEvent) -> None:
+        before = health.state
+        after = health.apply(event, now=self._clock(), config=self.config)
+        if after is not before and self.on_transition is not None:
+            self.on_transition(health.name, before, after)
 
     def snapshot(self) -> list[dict[str, object]]:
-        """One plain dict per backend, for /metrics and status pages."""
+        """One plain dict per backend, for /metrics, status pages and the admin endpoint."""
         now = self._clock()
+        slow_start = self.config.slow_start
         return [
             {
-                "name": h.backend.name,
+                "name": h.name,
                 "address": f"{h.backend.host}:{h.backend.port}",
                 "state": h.state.value,
+                "weight": h.weight,
+                "share": round(h.share(now, slow_start), 3),
                 "in_flight": h.in_flight,
                 "failures": h.consecutive_failures,
-                "markdowns": h.markdowns,
-                "down_for_s": round(max(0.0, h.down_until - now), 3)
-                if h.state is not BackendState.UP
+                "ejections": h.ejections,
+                "markdowns": h.ejections,  # the walking skeleton's name for an ejection
+                "down_for_s": round(max(0.0, h.ejected_until - now), 3)
+                if h.state in _EJECTED_STATES
                 else 0.0,
             }
-            for h in self._healths
+            for h in self._healths.values()
         ]

@@ -8,7 +8,7 @@ that said so with an ``Idempotency-Key`` header.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from photostack.blocks.balancer._errors import (
     UpstreamConnectError,
@@ -20,10 +20,12 @@ from photostack.blocks.balancer._errors import (
 __all__ = [
     "IDEMPOTENT_METHODS",
     "FailureStage",
+    "RetryVerdict",
     "failure_reason",
     "is_idempotent",
     "max_tries_for",
     "may_retry",
+    "retry_verdict",
 ]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -61,6 +63,39 @@ def may_retry(
     if tries_done >= max_tries:
         return False
     return stage is FailureStage.BEFORE_SEND or is_idempotent(method, headers)
+
+
+class RetryVerdict(enum.Enum):
+    RETRY = "retry"
+    NO_TRIES_LEFT = "no_tries_left"
+    MAY_HAVE_BEEN_PROCESSED = "may_have_been_processed"  # sent, and not safe to repeat
+    DEADLINE = "deadline"  # the request's total deadline has passed
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def retry_verdict(
+    *,
+    method: str,
+    headers: Iterable[tuple[str, str]],
+    stage: FailureStage,
+    tries_done: int,
+    max_tries: int,
+    time_left_s: float,
+    budget_allows: Callable[[], bool],
+) -> RetryVerdict:
+    """The whole retry decision, in order: tries, safety, deadline, then the budget.
+
+    ``budget_allows`` is called (and spends one retry) only when everything else allows a retry.
+    """
+    if tries_done >= max_tries:
+        return RetryVerdict.NO_TRIES_LEFT
+    if stage is FailureStage.AFTER_SEND and not is_idempotent(method, headers):
+        return RetryVerdict.MAY_HAVE_BEEN_PROCESSED
+    if time_left_s <= 0:
+        return RetryVerdict.DEADLINE
+    if not budget_allows():
+        return RetryVerdict.BUDGET_EXHAUSTED
+    return RetryVerdict.RETRY
 
 
 def failure_reason(exc: UpstreamError) -> str:
