@@ -1,13 +1,39 @@
-"""Storage building blocks: partitioners and the shard router (pure logic, no drivers)."""
+"""Storage building blocks: partitioners and the shard router (pure logic, no drivers).
 
+Every partitioner satisfies :class:`Partitioner` (``shard_count``, ``shard_for(key)``); each
+one's docstring states its trade-off, and docs/partitioning.md says when to pick which.
+"""
+
+from ._composite import CompositePartitioner, split_on
+from ._consistent import ConsistentHashPartitioner
+from ._directory import DirectoryPartitioner, InMemoryDirectory, ShardMap, logical_name
+from ._errors import StaleShardMapError, StorageError, UnknownGroupError, UnroutableKeyError
+from ._list import ListPartitioner
 from ._partitioner import HashModPartitioner, Partitioner, stable_hash64
-from ._router import ShardRouter, StorageError, UnknownGroupError
+from ._range import RangePartitioner, RangeStats, range_stats, split_points_for
+from ._roundrobin import RoundRobinPartitioner
+from ._router import ShardRouter
 
 __all__ = [
+    "CompositePartitioner",
+    "ConsistentHashPartitioner",
+    "DirectoryPartitioner",
     "HashModPartitioner",
+    "InMemoryDirectory",
+    "ListPartitioner",
     "Partitioner",
+    "RangePartitioner",
+    "RangeStats",
+    "RoundRobinPartitioner",
+    "ShardMap",
     "ShardRouter",
+    "StaleShardMapError",
     "StorageError",
     "UnknownGroupError",
+    "UnroutableKeyError",
+    "logical_name",
+    "range_stats",
+    "split_on",
+    "split_points_for",
     "stable_hash64",
 ]

@@ -8,19 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
+from ._errors import StorageError, UnknownGroupError
 from ._partitioner import HashModPartitioner, Partitioner
 
 __all__ = ["ShardRouter", "StorageError", "UnknownGroupError"]
 
 ShardT = TypeVar("ShardT")
-
-
-class StorageError(Exception):
-    """Root of every error raised by the storage block."""
-
-
-class UnknownGroupError(StorageError, LookupError):
-    """A storage group the router was not configured with."""
 
 
 class _Group(Generic[ShardT]):
