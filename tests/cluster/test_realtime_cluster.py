@@ -1,0 +1,155 @@
+"""Real-time events on a real cluster: a client on web-1, web-1 killed, resume on web-2 through
+the edge with nothing lost; the events are fanned out through Redis on two cache nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from photostack.cluster.engines import discard_postgres_data
+from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+
+pytestmark = pytest.mark.cluster
+
+TOPOLOGY = """
+[cluster]
+name = "photostack-realtime"
+host = "127.0.0.1"
+
+[edge]
+count = 1
+
+[web]
+count = 2
+
+[app]
+count = 1
+
+[cache]
+count = 2
+engine = "redis"
+
+[storage.users]
+shards = 1
+replicas = 0
+
+[storage.social]
+shards = 1
+replicas = 0
+
+[storage.photos]
+shards = 1
+replicas = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    root = tmp_path_factory.mktemp("realtime")
+    topology = root / "realtime.toml"
+    topology.write_text(TOPOLOGY, encoding="utf-8")
+    data_dir = root / "data"
+    running = start_cluster(data_dir, free_port_base(), topology)
+    try:
+        running.wait_for_line("ready: ", READY_DEADLINE_S)
+        yield running
+    finally:
+        running.stop()
+        discard_postgres_data(data_dir)
+
+
+def _user(api: httpx.Client) -> dict[str, Any]:
+    r = api.post("/v1/users", json={"username": f"rt_{uuid.uuid4().hex[:12]}"})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _follow(api: httpx.Client, who: dict[str, Any], target: dict[str, Any]) -> None:
+    r = api.put(
+        f"/v1/users/{who['id']}/following/{target['id']}",
+        headers={"Authorization": f"Bearer {who['token']}"},
+    )
+    assert r.status_code == 204, r.text
+
+
+def _events(lines: Iterator[str], count: int) -> list[dict[str, Any]]:
+    """The next ``count`` SSE events (data lines) from a line iterator."""
+    out: list[dict[str, Any]] = []
+    for line in lines:
+        if line.startswith("data: "):
+            out.append(json.loads(line[6:]))
+            if len(out) == count:
+                return out
+    raise AssertionError(f"stream ended after {len(out)} of {count} events")
+
+
+@contextlib.contextmanager
+def _stream_on(
+    api: httpx.Client, token: str, node: str, headers: dict[str, str] | None = None
+) -> Iterator[tuple[httpx.Response, Iterator[str]]]:
+    """An SSE stream through the edge that landed on ``node`` (reconnects, bounded, until so)."""
+    for _ in range(20):
+        with api.stream(
+            "GET", f"/v1/events/stream?access_token={token}", headers=headers or {}
+        ) as response:
+            assert response.status_code == 200
+            if response.headers["x-served-by"].split(",")[0] == node:
+                yield response, response.iter_lines()
+                return
+    raise AssertionError(f"the edge never sent the stream to {node}")
+
+
+def test_a_client_on_a_killed_web_node_resumes_on_the_other_with_nothing_lost(
+    cluster: RunningCluster, tmp_path: Path
+) -> None:
+    with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
+        owner = _user(api)
+        followers = [_user(api) for _ in range(6)]
+        with _stream_on(api, owner["token"], "web-1") as (_, lines):
+            for follower in followers[:3]:
+                _follow(api, follower, owner)
+            before = _events(lines, 3)
+            assert [e["seq"] for e in before] == [1, 2, 3]
+            cluster.cli("kill", "web-1")
+            with pytest.raises((httpx.HTTPError, AssertionError)):
+                _events(lines, 1)  # the stream is cut
+        for follower in followers[3:]:
+            _follow(api, follower, owner)  # while the client is away
+        headers = {"Last-Event-ID": str(before[-1]["seq"])}
+        with api.stream(
+            "GET", f"/v1/events/stream?access_token={owner['token']}", headers=headers
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["x-served-by"].split(",")[0] == "web-2"
+            after = _events(response.iter_lines(), 3)
+        assert [e["seq"] for e in after] == [4, 5, 6]
+        got = [e["data"]["follower"]["id"] for e in before + after]
+        assert got == [f["id"] for f in followers]
+        r = api.get("/v1/events?after=0", headers={"Authorization": f"Bearer {owner['token']}"})
+        assert [e["seq"] for e in r.json()["events"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stopping_a_web_node_closes_its_streams_with_a_reconnect_hint(
+    cluster: RunningCluster,
+) -> None:
+    with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
+        owner, follower = _user(api), _user(api)
+        _follow(api, follower, owner)
+        with _stream_on(api, owner["token"], "web-2") as (_, lines):
+            assert [e["seq"] for e in _events(lines, 1)] == [1]
+            cluster.cli("stop", "web-2")  # SIGTERM: drain
+            rest = list(lines)  # the stream ends instead of being cut
+        try:
+            assert "event: close" in rest
+            assert "retry: 1000" in rest
+            data = next(line for line in rest if line.startswith("data: "))
+            assert json.loads(data[6:]) == {"reason": "draining", "resume_after": 1}
+        finally:
+            cluster.cli("start", "web-2")
