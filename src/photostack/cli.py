@@ -129,11 +129,184 @@ _node_command("stop", "Stop a node gracefully; it stays down until `start`.")
 _node_command("start", "Start a stopped node.")
 
 
-def _control(data_dir: Path, port_base: int | None, call: Any) -> Any:
+class _OneLineErrors(click.Command):
+    """Usage errors as one ``error:`` line and exit code 2 (no usage dump)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            ctx.exit(2)
+
+
+@cli.command(cls=_OneLineErrors)
+@click.option("--listen", default="127.0.0.1:9000", show_default=True, help="HOST:PORT to serve.")
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    required=True,
+    help="HOST:PORT[=WEIGHT] of a backend; repeat for each one.",
+)
+@click.option("--strategy", default="round-robin", show_default=True, help="See docs/balancing.md.")
+@click.option("--hash-key", default=None, help="For --strategy hash: header:NAME, path:N or path.")
+@click.option("--slow-start-s", type=float, default=None, help="Slow-start window (default 10).")
+@click.option("--check-path", default="/healthz", show_default=True, help="Active check path.")
+@click.option("--no-health-checks", is_flag=True, help="Passive health only.")
+def sidecar(  # noqa: PLR0917 - one parameter per flag, as click passes them
+    listen: str,
+    upstreams: tuple[str, ...],
+    strategy: str,
+    hash_key: str | None,
+    slow_start_s: float | None,
+    check_path: str,
+    no_health_checks: bool,
+) -> None:
+    """A local load-balancing proxy (the edge's core) for any program: use it as localhost."""
+    from photostack.blocks.balancer import Backend, BalancerConfigError, parse_settings
+
+    settings: dict[str, Any] = {"strategy": strategy, "checks": not no_health_checks}
+    settings["check_path"] = check_path
+    if hash_key is not None:
+        settings["hash_key"] = hash_key
+    if slow_start_s is not None:
+        settings["slow_start_s"] = slow_start_s
+    try:
+        host, port = _host_port(listen, "--listen")
+        backends = []
+        for index, text in enumerate(upstreams, start=1):
+            address, _, weight_text = text.partition("=")
+            up_host, up_port = _host_port(address, "--upstream")
+            weight = _positive(weight_text, "--upstream weight") if weight_text else 1.0
+            backends.append(Backend(f"upstream-{index}", up_host, up_port, weight))
+        config, _ = parse_settings(settings)
+    except (click.BadParameter, BalancerConfigError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(_run_sidecar(host, port, tuple(backends), config))
+
+
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.BadParameter(f"{flag} must be HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _positive(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise click.BadParameter(f"{flag} must be a positive number, not {text!r}")
+    return value
+
+
+def _run_sidecar(host: str, port: int, backends: tuple[Any, ...], config: Any) -> int:
+    import asyncio
+    import signal
+
+    import uvloop
+
+    from photostack.blocks.proxy import ProxyConfig, ProxyServer
+
+    proxy = ProxyConfig(
+        backends=backends, listen_host=host, listen_port=port, name="sidecar", upstream=config
+    )
+
+    async def run() -> int:
+        server = ProxyServer(proxy)
+        try:
+            await server.start()
+        except OSError as exc:
+            await server.aclose()
+            click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        targets = ", ".join(f"{b.host}:{b.port}" for b in backends)
+        click.echo(
+            f"sidecar: http://{host}:{server.port} -> {targets} ({config.strategy.value}); "
+            "Ctrl-C stops"
+        )
+        try:
+            await stop.wait()
+        finally:
+            await server.aclose()
+        return 0
+
+    return uvloop.run(run())
+
+
+@cli.group()
+def jobs() -> None:
+    """Cross-shard jobs: reconcile-follows, user-cleanup, orphan-sweep (docs/directory.md)."""
+
+
+@jobs.command(name="run")
+@click.argument("name")
+@_data_dir_option
+@_port_base_option
+def jobs_run(name: str, data_dir: Path, port_base: int | None) -> None:
+    """Run job NAME now on one app node (under the job's lease) and print its report."""
+    report = _control(
+        data_dir, port_base, lambda c: c.request("POST", f"/v1/jobs/{name}/run"), timeout_s=300.0
+    )
+    click.echo(json.dumps(report, indent=2))
+
+
+@cli.group()
+def users() -> None:
+    """Operator actions on users (API.md has no public user deletion)."""
+
+
+@users.command(name="delete")
+@click.argument("user_id")
+@_data_dir_option
+@_port_base_option
+def users_delete(user_id: str, data_dir: Path, port_base: int | None) -> None:
+    """Delete USER_ID: gone for reads at once; the cleanup job removes photos, edges, events."""
+    done = _control(data_dir, port_base, lambda c: c.request("DELETE", f"/v1/users/{user_id}"))
+    click.echo(f"delete: user {done['user_id']} recorded (cleanup stage: {done['stage']})")
+
+
+@cli.group()
+def directory() -> None:
+    """The directory service's shard map."""
+
+
+@directory.command(name="show")
+@_data_dir_option
+@_port_base_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def directory_show(data_dir: Path, port_base: int | None, as_json: bool) -> None:
+    """The current shard map: version, each group's partitioner and its physical shards."""
+    shard_map = _control(data_dir, port_base, lambda c: c.request("GET", "/v1/directory/map"))
+    if as_json:
+        click.echo(json.dumps(shard_map, indent=2))
+        return
+    click.echo(f"shard map version {shard_map['version']}")
+    for name, group in shard_map["groups"].items():
+        part = group["partitioner"]
+        click.echo(f"  {name}: {part['kind']}, {part['logical_shards']} logical shards")
+        for shard in group["shards"]:
+            owned = sum(1 for p in group["placement"] if p == shard["index"])
+            replicas = ", ".join(r["name"] for r in shard["replicas"]) or "no replica"
+            click.echo(
+                f"    shard {shard['index']}: {shard['primary']['name']} ({replicas}), "
+                f"{owned} logical"
+            )
+
+
+def _control(data_dir: Path, port_base: int | None, call: Any, timeout_s: float = 10.0) -> Any:
     from photostack.ops.client import ControlClient, ControlError, find_control_url
 
     try:
-        with ControlClient(find_control_url(data_dir, port_base)) as client:
+        with ControlClient(find_control_url(data_dir, port_base), timeout_s=timeout_s) as client:
             return call(client)
     except ControlError as exc:
         click.echo(f"error: {exc}", err=True)

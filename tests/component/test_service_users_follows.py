@@ -403,10 +403,13 @@ def test_app_nodes_apply_the_schema_on_fresh_databases(pg_server: Any) -> None:
                 assert await apply_schema(group, shard.primary) == SCHEMA_VERSION[group]
                 conn = await asyncpg.connect(shard.primary)
                 try:
-                    rows = await conn.fetch("SELECT group_name, version FROM schema_version")
+                    rows = await conn.fetch(
+                        "SELECT group_name, version FROM schema_version ORDER BY version"
+                    )
                 finally:
                     await conn.close()
-                assert [tuple(r) for r in rows] == [(group, SCHEMA_VERSION[group])]
+                expected = [(group, v) for v in range(1, SCHEMA_VERSION[group] + 1)]
+                assert [tuple(r) for r in rows] == expected
 
     asyncio.run(main())
 

@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from photostack.cluster.membership import Membership, MembershipError, pool_routes
+from photostack.cluster.ops_routes import ops_routes
 from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
 
@@ -62,6 +64,8 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
     commands = Counter(
         "photostack_control_commands", "Control commands received", ["command"], registry=registry
     )
+    membership = Membership(supervisor)
+    supervisor.on_ready = membership.on_ready
 
     def node_or_404(name: str) -> ManagedNode:
         node = supervisor.nodes.get(name)
@@ -96,13 +100,20 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
         return _JSON(await describe(node_or_404(request.path_params["name"])))
 
     async def node_command(request: Request) -> Response:
-        node = node_or_404(request.path_params["name"])
         command = request.path_params["command"]
+        name = request.path_params["name"]
+        if command == "start" and name not in supervisor.nodes:
+            try:  # `photostack start web-3`: a new node of a stateless role
+                await membership.create_node(name)
+            except MembershipError as exc:
+                return _error(exc.status, exc.code, str(exc))
+        node = node_or_404(name)
         commands.labels(command).inc()
         try:
             if command == "kill":
                 supervisor.kill(node.name)
             elif command == "stop":
+                await membership.drain_for_stop(node)  # web/app: out of its pool first
                 await supervisor.stop(node.name)
             elif command == "start":
                 await supervisor.start(node.name)
@@ -137,6 +148,8 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
             Route("/v1/cluster", cluster),
             Route("/v1/nodes/{name}", node_detail),
             Route("/v1/nodes/{name}/{command}", node_command, methods=["POST"]),
+            *pool_routes(membership),
+            *ops_routes(supervisor),
         ],
         exception_handlers={HTTPException: http_error},
     )

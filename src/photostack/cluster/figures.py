@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -29,6 +30,8 @@ async def collect(node: ManagedNode) -> dict[str, Any]:
         return await _replica(spec.host, spec.port)
     if spec.role is Role.CACHE:
         return await _redis(spec.host, spec.port)
+    if spec.role is Role.DIRECTORY:
+        return await _directory(spec.host, spec.port)
     return {}
 
 
@@ -78,3 +81,16 @@ async def _redis(host: str, port: int) -> dict[str, Any]:
         "used_memory": info.get("used_memory_human"),
         "clients": info.get("connected_clients"),
     }
+
+
+async def _directory(host: str, port: int) -> dict[str, Any]:
+    """The shard map version a directory node serves, and where it last read it."""
+    try:
+        async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+            response = await client.get(f"http://{host}:{port}/v1/map/version")
+            body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"error": str(exc) or type(exc).__name__}
+    if response.status_code != 200:
+        return {"error": f"HTTP {response.status_code}"}
+    return {"map_version": body.get("version"), "source": body.get("source")}

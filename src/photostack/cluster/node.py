@@ -34,19 +34,62 @@ def _serve_asgi(app: Any, host: str, port: int) -> None:
         log_level="warning",
         timeout_graceful_shutdown=5,
         server_header=False,
+        ws_ping_interval=15.0,  # WebSocket heartbeat; a peer silent past the timeout is dropped
+        ws_ping_timeout=20.0,
     )
-    uvicorn.Server(config).run()
+    _DrainingServer(config).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """Calls the app's ``state.drain()`` (if any) before the graceful shutdown: long-lived
+    streams get their reconnect hint (SSE retry + close, WebSocket 1012) instead of a cut."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            await drain()
+        await super().shutdown(sockets)
 
 
 def _run_web(spec: dict[str, Any]) -> None:
-    from photostack.blocks.balancer import Backend, BalancerError, SmartClient
+    from photostack.blocks.balancer import (
+        AdminServer,
+        Backend,
+        BalancerError,
+        BalancerMetrics,
+        SmartClient,
+        parse_settings,
+    )
     from photostack.service.settings import WebSettings
     from photostack.service.web import create_app
 
-    settings = WebSettings.from_json(json.dumps(spec["settings"]))
-    client = SmartClient([Backend(p.name, p.host, p.port) for p in settings.app_nodes])
+    raw = spec["settings"]
+    settings = WebSettings.from_json(json.dumps(raw))
+    config, weights = parse_settings(raw.get("balancing", {}))
+    metrics = BalancerMetrics("photostack_web_appclient")
+    client = SmartClient(
+        [Backend(p.name, p.host, p.port, weights.get(p.name, 1.0)) for p in settings.app_nodes],
+        config,
+        hooks=metrics,
+    )
+    metrics.watch(client.snapshot)
+    admin = AdminServer({"app": client.upstream}, registry=metrics.registry)
+
+    async def startup() -> None:
+        await client.start()
+        if raw.get("admin_socket"):
+            await admin.start_unix(Path(raw["admin_socket"]))
+
+    async def shutdown() -> None:
+        await admin.aclose()
+        await client.aclose()
+
     app = create_app(
-        settings, client, unavailable_errors=(BalancerError,), on_shutdown=client.aclose
+        settings,
+        client,
+        unavailable_errors=(BalancerError,),
+        on_startup=startup,
+        on_shutdown=shutdown,
     )
     _serve_asgi(app, spec["host"], spec["port"])
 
@@ -62,13 +105,24 @@ def _run_app(spec: dict[str, Any]) -> None:
 def _run_edge(spec: dict[str, Any]) -> None:
     import uvloop
 
-    from photostack.blocks.balancer import Backend
-    from photostack.blocks.proxy import ProxyConfig, ProxyServer
+    from photostack.blocks.balancer import AdminServer, Backend, parse_settings
+    from photostack.blocks.proxy import ProxyConfig, ProxyServer, parse_proxy_settings
 
-    backends = tuple(Backend(b["name"], b["host"], b["port"]) for b in spec["settings"]["backends"])
-    config = ProxyConfig(
-        backends=backends, listen_host=spec["host"], listen_port=spec["port"], name=spec["name"]
+    raw = spec["settings"]
+    upstream, weights = parse_settings(raw.get("balancing", {}))
+    backends = tuple(
+        Backend(b["name"], b["host"], b["port"], weights.get(b["name"], 1.0))
+        for b in raw["backends"]
     )
+    config = ProxyConfig(
+        backends=backends,
+        listen_host=spec["host"],
+        listen_port=spec["port"],
+        name=spec["name"],
+        upstream=upstream,
+    )
+    # Proxy features from [edge.proxy] (docs/proxy.md), TLS and log paths resolved by the plan.
+    config = parse_proxy_settings(raw.get("proxy", {}), config)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -76,16 +130,27 @@ def _run_edge(spec: dict[str, Any]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         server = ProxyServer(config)
+        admin = AdminServer({"web": server.upstream}, registry=server.metrics.registry)
         await server.start()
         try:
+            if raw.get("admin_socket"):
+                await admin.start_unix(Path(raw["admin_socket"]))
             await stop.wait()
         finally:
+            await admin.aclose()
             await server.aclose()
 
     uvloop.run(run())
 
 
-_ROLES = {"edge": _run_edge, "web": _run_web, "app": _run_app}
+def _run_directory(spec: dict[str, Any]) -> None:
+    from photostack.service.directory import DirectorySettings, create_directory_app
+
+    settings = DirectorySettings.from_json(json.dumps(spec["settings"]))
+    _serve_asgi(create_directory_app(settings), spec["host"], spec["port"])
+
+
+_ROLES = {"edge": _run_edge, "web": _run_web, "app": _run_app, "directory": _run_directory}
 
 
 def main(argv: list[str] | None = None) -> int:

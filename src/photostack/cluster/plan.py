@@ -1,17 +1,26 @@
 """From a laid-out topology to supervised nodes: which engine each node runs and in what order.
 
 Start order follows the request path backwards: storage primaries (then databases and schema),
-their replicas (a base backup needs a running primary), caches, app, web, edge. The supervisor
-shuts down in the reverse order.
+their replicas (a base backup needs a running primary), the directory nodes, caches, app, web,
+edge. The supervisor shuts down in the reverse order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import asyncpg
+
+from photostack.blocks.cache import PolicyName
 from photostack.cluster.datadir import DataDir
 from photostack.cluster.engines import (
+    CacheNodeConfig,
+    CacheNodeEngine,
     PostgresConfig,
     PostgresEngine,
     PostgresInstall,
@@ -26,11 +35,27 @@ from photostack.cluster.engines.base import Engine
 from photostack.cluster.nodes import NodeProcessConfig, PhotostackNodeEngine
 from photostack.cluster.state import NodeLifecycle
 from photostack.cluster.supervisor import ManagedNode
-from photostack.cluster.topology import Layout, NodeSpec, Role
+from photostack.cluster.topology import DIRECTORY_GROUP, Layout, NodeSpec, Role
+from photostack.service.directory import (
+    ClusterMap,
+    DirectorySettings,
+    Endpoint,
+    PhysicalShard,
+    claim_ownership,
+    initial_map,
+)
 from photostack.service.schema import apply_schema
 from photostack.service.settings import AppSettings, Peer, ShardDsns, WebSettings
 
-__all__ = ["DATABASE", "Phase", "build", "shard_dsns"]
+__all__ = [
+    "DATABASE",
+    "Phase",
+    "admin_socket_path",
+    "build",
+    "directory_map",
+    "directory_settings",
+    "shard_dsns",
+]
 
 DATABASE = "photostack"
 
@@ -58,6 +83,44 @@ def shard_dsns(lay: Layout) -> dict[str, tuple[ShardDsns, ...]]:
             )
         groups[group.name] = tuple(shards)
     return groups
+
+
+def directory_map(lay: Layout) -> ClusterMap:
+    """The first shard map, from the layout: the static hash-mod placement (docs/directory.md)."""
+    groups: dict[str, list[PhysicalShard]] = {}
+    for group in lay.topology.storage:
+        groups[group.name] = []
+        for index in range(1, group.shards + 1):
+            primary, replicas = lay.shard_nodes(group.name, index)
+            groups[group.name].append(
+                PhysicalShard(
+                    index - 1,
+                    Endpoint(primary.name, postgres_dsn(primary.host, primary.port, DATABASE)),
+                    tuple(
+                        Endpoint(r.name, postgres_dsn(r.host, r.port, DATABASE)) for r in replicas
+                    ),
+                )
+            )
+    return initial_map(groups)
+
+
+def directory_settings(lay: Layout, name: str) -> DirectorySettings:
+    primary, replicas = lay.shard_nodes(DIRECTORY_GROUP, 1)
+    return DirectorySettings(
+        name=name,
+        primary_dsn=postgres_dsn(primary.host, primary.port, DATABASE),
+        replica_dsns=tuple(postgres_dsn(r.host, r.port, DATABASE) for r in replicas),
+        initial_map=directory_map(lay).to_json(),
+    )
+
+
+async def claim_initial_ownership(dsn: str, logical: tuple[int, ...], version: int) -> None:
+    """Record on a data shard the logical shards the first map gives it (first `up` only)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await claim_ownership(conn, logical, version)
+    finally:
+        await conn.close()
 
 
 def build(
@@ -90,27 +153,40 @@ def build(
                 )
             )
         if node.role is Role.CACHE:
-            return RedisEngine(
-                RedisConfig(
-                    name=node.name,
-                    host=node.host,
-                    port=node.port,
-                    data_dir=data.redis_dir(node.name),
-                    log_path=log_path,
-                )
-            )
+            return _cache_engine(lay, node, data)
         settings: dict[str, object]
+        if node.role is Role.EDGE and lay.topology.edge_engine == "nginx":
+            return _nginx_edge(lay, node, data, peers[Role.WEB])
         if node.role is Role.EDGE:
-            settings = {"backends": [vars(p) for p in peers[Role.WEB]]}
+            settings = {
+                "backends": [vars(p) for p in peers[Role.WEB]],
+                "balancing": lay.topology.edge_balancing,
+                "admin_socket": str(admin_socket_path(data.run, node.name)),
+                "proxy": _edge_proxy_settings(lay, node, data),
+            }
         elif node.role is Role.WEB:
             settings = _as_dict(
                 WebSettings(
-                    name=node.name, app_nodes=tuple(peers[Role.APP]), token_secret_path=secret
+                    name=node.name,
+                    app_nodes=tuple(peers[Role.APP]),
+                    token_secret_path=secret,
+                    cache_nodes=tuple(peers[Role.CACHE]),  # pub/sub for real-time events
                 )
             )
+            settings["balancing"] = lay.topology.web_balancing
+            settings["admin_socket"] = str(admin_socket_path(data.run, node.name))
+        elif node.role is Role.DIRECTORY:
+            settings = json.loads(directory_settings(lay, node.name).to_json())
         else:
             settings = _as_dict(
-                AppSettings(name=node.name, storage=storage, cache_nodes=tuple(peers[Role.CACHE]))
+                AppSettings(
+                    name=node.name,
+                    storage=storage,
+                    cache_nodes=tuple(peers[Role.CACHE]),
+                    directory_nodes=tuple(peers[Role.DIRECTORY]),  # placement: the shard map
+                    static_base_url=f"http://{lay.topology.host}:{lay.static_port}",
+                    caching=lay.topology.caching,  # cached reads ([cache]; docs/caching.md)
+                )
             )
         return PhotostackNodeEngine(
             NodeProcessConfig(
@@ -136,11 +212,19 @@ def build(
 
     primaries = [n for n in lay.nodes if n.is_primary]
 
+    first_map = directory_map(lay)
+
     async def init_storage() -> None:
         for node in primaries:
             await ensure_database(node.host, node.port, DATABASE)
             assert node.group is not None
-            await apply_schema(node.group, postgres_dsn(node.host, node.port, DATABASE))
+            if node.group == DIRECTORY_GROUP:
+                continue  # the directory nodes create their table and store the first map
+            dsn = postgres_dsn(node.host, node.port, DATABASE)
+            await apply_schema(node.group, dsn)
+            assert node.shard is not None
+            owned = first_map.group(node.group).owned_by(node.shard - 1)
+            await claim_initial_ownership(dsn, owned, first_map.version)
 
     def names(role: Role) -> list[str]:
         return [n.name for n in lay.by_role(role)]
@@ -148,12 +232,145 @@ def build(
     phases = [
         Phase("storage primaries", [n.name for n in primaries], init_storage),
         Phase("storage replicas", [n.name for n in lay.nodes if n.replica_of]),
+        Phase("directory", names(Role.DIRECTORY)),
         Phase("caches", names(Role.CACHE)),
         Phase("app", names(Role.APP)),
         Phase("web", names(Role.WEB)),
         Phase("edge", names(Role.EDGE)),
     ]
     return nodes, [p for p in phases if p.names]
+
+
+def _edge_proxy_settings(lay: Layout, node: NodeSpec, data: DataDir) -> dict[str, object]:
+    """``[edge.proxy]`` with ``tls`` and ``access_log`` turned into paths (docs/proxy.md).
+
+    TLS listens on edge-1 only, on ``port base + TLS_PORT_OFFSET``; the certificate is made at
+    the first ``up`` under ``DATA/tls`` and reused after.
+    """
+    proxy: dict[str, object] = dict(lay.topology.edge_proxy)
+    if proxy.pop("access_log", False):
+        proxy["access_log"] = str(data.logs / f"{node.name}.access.log")
+    if proxy.pop("tls", False) and node.port == lay.api_port:
+        cert, key = _edge_certificate(lay, data)
+        proxy["tls"] = {"port": lay.tls_port, "cert": str(cert), "key": str(key)}
+    return proxy
+
+
+def _edge_certificate(lay: Layout, data: DataDir) -> tuple[Path, Path]:
+    from photostack.blocks.proxy import ensure_self_signed
+
+    cert, key = data.root / "tls" / "edge.crt", data.root / "tls" / "edge.key"
+    ensure_self_signed(cert, key, hosts=(lay.topology.host,))
+    return cert, key
+
+
+def _nginx_edge(lay: Layout, node: NodeSpec, data: DataDir, webs: list[Peer]) -> Engine:
+    """The same edge, rendered as an nginx config (``[edge] engine = "nginx"``)."""
+    from photostack.blocks.balancer import parse_settings
+    from photostack.cluster.engines.nginx import NginxBackend, NginxConfig, NginxEngine
+
+    upstream, weights = parse_settings(lay.topology.edge_balancing)
+    proxy = _edge_proxy_settings(lay, node, data)
+    tls = proxy.get("tls")
+    tls_paths = tls if isinstance(tls, dict) else {}
+    health = upstream.health
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = proxy.get(key, [])
+        return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        value = proxy.get(key, {})
+        return tuple((str(k), str(v)) for k, v in value.items()) if isinstance(value, dict) else ()
+
+    def number(key: str, default: float) -> float:
+        value = proxy.get(key, default)
+        return float(value) if isinstance(value, int | float) else default
+
+    return NginxEngine(
+        NginxConfig(
+            name=node.name,
+            host=node.host,
+            port=node.port,
+            backends=tuple(
+                NginxBackend(w.name, w.host, w.port, max(1, round(weights.get(w.name, 1.0))))
+                for w in webs
+            ),
+            prefix=data.root / "nginx" / node.name,
+            log_path=data.log_path(node.name),
+            strategy=upstream.strategy.value,
+            hash_key=upstream.hash_key,
+            max_fails=health.eject_after_failures,
+            fail_timeout_s=health.ejection_initial_s,
+            max_tries=upstream.max_tries,
+            connect_timeout_s=upstream.connect_timeout_s,
+            request_timeout_s=upstream.request_timeout_s,
+            header_timeout_s=number("header_timeout_s", 10.0),
+            client_timeout_s=number("client_timeout_s", 60.0),
+            max_body_bytes=int(number("max_body_bytes", 12 * 1024 * 1024)),
+            max_header_bytes=int(number("max_header_bytes", 16 * 1024)),
+            allow_methods=strings("allow_methods"),
+            deny_methods=strings("deny_methods"),
+            deny_paths=strings("deny_paths"),
+            request_headers_add=pairs("request_headers_add"),
+            request_headers_remove=strings("request_headers_remove"),
+            response_headers_add=pairs("response_headers_add"),
+            response_headers_remove=strings("response_headers_remove"),
+            access_log_path=Path(str(proxy["access_log"])) if "access_log" in proxy else None,
+            gzip=proxy.get("gzip") is True,
+            gzip_min_bytes=int(number("gzip_min_bytes", 256)),
+            tls_port=int(tls_paths["port"]) if tls_paths else None,
+            tls_cert_path=Path(str(tls_paths["cert"])) if tls_paths else None,
+            tls_key_path=Path(str(tls_paths["key"])) if tls_paths else None,
+            collapse=proxy.get("collapse") is True,
+            cache_ttl_s=number("cache_ttl_s", 0.0),
+            stale_if_error_s=number("stale_if_error_s", 0.0),
+        )
+    )
+
+
+def admin_socket_path(run_dir: Path, name: str) -> Path:
+    """Where node ``name`` serves its balancer admin endpoint (a Unix socket).
+
+    Socket paths are limited to about 100 bytes; a deep data dir falls back to a short path in
+    the temp dir, named after the full one so two clusters never share it.
+    """
+    path = run_dir.resolve() / f"{name}.admin.sock"
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+    return Path(tempfile.gettempdir()) / f"photostack-{digest}.sock"
+
+
+_MAX_SOCKET_PATH = 100
+
+
+def _cache_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
+    """Redis (the default) or the photostack cache node, as ``[cache] engine`` says."""
+    topo = lay.topology
+    if topo.cache_engine == "photostack":
+        return CacheNodeEngine(
+            CacheNodeConfig(
+                name=node.name,
+                host=node.host,
+                port=node.port,
+                log_path=data.log_path(node.name),
+                cwd=data.redis_dir(node.name),
+                maxmemory_bytes=topo.cache_maxmemory_bytes or 0,
+                policy=topo.cache_policy or PolicyName.LRU,
+            )
+        )
+    return RedisEngine(
+        RedisConfig(
+            name=node.name,
+            host=node.host,
+            port=node.port,
+            data_dir=data.redis_dir(node.name),
+            log_path=data.log_path(node.name),
+            maxmemory_bytes=topo.cache_maxmemory_bytes,
+            maxmemory_policy=topo.cache_policy.value if topo.cache_policy else None,
+        )
+    )
 
 
 def _as_dict(settings: WebSettings | AppSettings) -> dict[str, object]:

@@ -47,6 +47,7 @@ class SupervisorConfig:
             Role.STORAGE: 120.0,
             Role.CACHE: 20.0,
             Role.APP: 45.0,
+            Role.DIRECTORY: 45.0,
             Role.WEB: 45.0,
             Role.EDGE: 30.0,
         }
@@ -99,6 +100,7 @@ class ManagedNode:
 
 
 Listener = Callable[[str], None]
+ReadyHook = Callable[[ManagedNode], Coroutine[Any, Any, None]]
 
 
 class Supervisor:
@@ -120,6 +122,19 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._shutting_down = False
         self._log_files: dict[str, IO[bytes]] = {}
+        # Called (as a task) each time a node becomes READY: membership re-joins drained nodes.
+        self.on_ready: ReadyHook | None = None
+
+    def add_node(self, node: ManagedNode, *, like: str) -> None:
+        """Supervise a node created at run time; it starts and stops in ``like``'s phase."""
+        if node.name in self.nodes:
+            raise CommandRefused(f"{node.name} exists already")
+        self.nodes[node.name] = node
+        for phase in self.phases:
+            if like in phase:
+                phase.append(node.name)
+                return
+        self.phases.append([node.name])
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -158,6 +173,8 @@ class Supervisor:
                     node.lifecycle.become(NodeState.READY)
                     node.ready_at = time.monotonic()
                     self._emit(f"{node.name} ready (pid {process.pid}, {node.spec.address})")
+                    if self.on_ready is not None:
+                        self._track(self.on_ready(node))
                 return
             await asyncio.sleep(0.1)  # poll interval under a deadline, not synchronisation
         if process.returncode is not None:

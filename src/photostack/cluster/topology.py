@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from photostack.blocks.balancer import SETTINGS_KEYS, BalancerConfigError, parse_settings
+from photostack.blocks.cache import PolicyName, UnknownPolicyError, parse_policy_name
+
 __all__ = [
+    "CACHE_ENGINES",
     "CONTROL_PORT_OFFSET",
+    "DIRECTORY_GROUP",
+    "EDGE_ENGINES",
     "INTERNAL_PORT_OFFSET",
     "PRODUCT_GROUPS",
     "STATIC_PORT_OFFSET",
+    "TLS_PORT_OFFSET",
     "Layout",
     "NodeSpec",
     "Role",
@@ -34,12 +41,17 @@ __all__ = [
 
 STATIC_PORT_OFFSET = 1
 CONTROL_PORT_OFFSET = 10
+TLS_PORT_OFFSET = 3  # edge-1's https port, when [edge.proxy] tls = true
+EDGE_ENGINES = ("photostack", "nginx")
 INTERNAL_PORT_OFFSET = 20
 # The product's vertical split: the service needs exactly these storage groups.
 PRODUCT_GROUPS = ("users", "social", "photos")
+DIRECTORY_GROUP = "directory"  # the directory service's own storage group
 _MAX_COUNT = 16
 _MAX_SHARDS = 16
 _MAX_REPLICAS = 4
+_MAX_CACHE_BYTES = 1 << 40
+CACHE_ENGINES = ("redis", "photostack")
 
 
 class TopologyError(Exception):
@@ -52,6 +64,7 @@ class Role(StrEnum):
     APP = "app"
     CACHE = "cache"
     STORAGE = "storage"
+    DIRECTORY = "directory"
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,24 @@ class Topology:
     cache_count: int
     cache_engine: str
     storage: tuple[StorageGroup, ...]
+    cache_policy: PolicyName | None = None  # None: the engine's default
+    cache_maxmemory_bytes: int | None = None  # None: unbounded
+    # Balancing settings (docs/balancing.md): [edge] for edge -> web, [web] for web -> app.
+    edge_balancing: dict[str, Any] = field(default_factory=dict)
+    web_balancing: dict[str, Any] = field(default_factory=dict)
+    # The edge's engine and its proxy features ([edge] engine, [edge.proxy]; docs/proxy.md).
+    edge_engine: str = "photostack"
+    edge_proxy: dict[str, Any] = field(default_factory=dict)
+    # The directory service ([directory]; docs/directory.md): its nodes, and its own storage
+    # group (one shard, a primary and ``directory_replicas`` streaming replicas).
+    directory_count: int = 2
+    directory_replicas: int = 1
+    # The app nodes' cached reads ([cache] product keys; docs/caching.md), validated.
+    caching: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directory_storage(self) -> StorageGroup:
+        return StorageGroup(DIRECTORY_GROUP, 1, self.directory_replicas)
 
     def group(self, name: str) -> StorageGroup:
         for group in self.storage:
@@ -123,6 +154,10 @@ class Layout:
     def control_port(self) -> int:
         return self.port_base + CONTROL_PORT_OFFSET
 
+    @property
+    def tls_port(self) -> int:
+        return self.port_base + TLS_PORT_OFFSET
+
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
             if node.name == name:
@@ -164,23 +199,48 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{source}: not valid TOML: {exc}") from exc
-    _only(raw, {"cluster", "edge", "web", "app", "cache", "storage"}, source)
+    _only(raw, {"cluster", "edge", "web", "app", "cache", "storage", "directory"}, source)
+    directory = _table(raw, "directory", source)
+    _only(directory, {"count", "replicas"}, f"{source} [directory]")
+    directory_count = _int(directory, "count", 2, f"{source} [directory]", low=1, high=_MAX_COUNT)
+    directory_replicas = _int(
+        directory, "replicas", 1, f"{source} [directory]", low=0, high=_MAX_REPLICAS
+    )
     cluster = _table(raw, "cluster", source)
     _only(cluster, {"name", "host"}, f"{source} [cluster]")
     name = _str(cluster, "name", "photostack", f"{source} [cluster]")
     host = _str(cluster, "host", "127.0.0.1", f"{source} [cluster]")
 
     counts: dict[str, int] = {}
+    balancing: dict[str, dict[str, Any]] = {}
     for role in ("edge", "web", "app"):
         table = _table(raw, role, source)
-        _only(table, {"count"}, f"{source} [{role}]")
-        counts[role] = _int(table, "count", 1, f"{source} [{role}]", low=1, high=_MAX_COUNT)
+        where = f"{source} [{role}]"
+        if role == "app":
+            _only(table, {"count"}, where)
+        elif role == "edge":
+            _only(table, {"count", "engine", "proxy", *SETTINGS_KEYS}, where)
+            edge_engine, edge_proxy = _edge_proxy(table, where)
+            rest = {k: v for k, v in table.items() if k not in ("engine", "proxy")}
+            balancing[role] = _balancing(rest, where)
+        else:
+            _only(table, {"count", *SETTINGS_KEYS}, where)
+            balancing[role] = _balancing(table, where)
+        counts[role] = _int(table, "count", 1, where, low=1, high=_MAX_COUNT)
     cache = _table(raw, "cache", source)
-    _only(cache, {"count", "engine"}, f"{source} [cache]")
+    _only(
+        cache,
+        {"count", "engine", "policy", "maxmemory_bytes", *_CACHING_KEYS},
+        f"{source} [cache]",
+    )
+    caching = _caching(cache, f"{source} [cache]")
     cache_count = _int(cache, "count", 1, f"{source} [cache]", low=1, high=_MAX_COUNT)
     cache_engine = _str(cache, "engine", "redis", f"{source} [cache]")
-    if cache_engine != "redis":
-        raise TopologyError(f"{source} [cache]: engine must be 'redis', not {cache_engine!r}")
+    if cache_engine not in CACHE_ENGINES:
+        raise TopologyError(
+            f"{source} [cache]: engine must be 'redis' or 'photostack', not {cache_engine!r}"
+        )
+    cache_policy, cache_maxmemory_bytes = _cache_bounds(cache, cache_engine, f"{source} [cache]")
 
     storage_raw = _table(raw, "storage", source)
     groups: list[StorageGroup] = []
@@ -215,7 +275,55 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
         cache_count=cache_count,
         cache_engine=cache_engine,
         storage=tuple(groups),
+        cache_policy=cache_policy,
+        cache_maxmemory_bytes=cache_maxmemory_bytes,
+        edge_balancing=balancing["edge"],
+        web_balancing=balancing["web"],
+        edge_engine=edge_engine,
+        edge_proxy=edge_proxy,
+        directory_count=directory_count,
+        directory_replicas=directory_replicas,
+        caching=caching,
     )
+
+
+def _edge_proxy(table: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """``[edge] engine`` and the ``[edge.proxy]`` feature table, validated (docs/proxy.md)."""
+    from photostack.blocks.proxy import ProxyConfig, ProxyConfigError, parse_proxy_settings
+    from photostack.cluster.engines.nginx import NGINX_STRATEGIES
+
+    engine = _str(table, "engine", "photostack", where)
+    if engine not in EDGE_ENGINES:
+        raise TopologyError(f"{where}: engine must be one of {', '.join(EDGE_ENGINES)}")
+    proxy = table.get("proxy", {})
+    if not isinstance(proxy, dict):
+        raise TopologyError(f"{where}: [edge.proxy] must be a table")
+    for key in ("tls", "access_log"):
+        if not isinstance(proxy.get(key, False), bool):
+            raise TopologyError(f"{where}: proxy.{key} must be true or false")
+    # tls and access_log become a port, a certificate and a file in the data dir at `up`.
+    probe = {k: v for k, v in proxy.items() if k not in ("tls", "access_log")}
+    try:
+        parse_proxy_settings(probe, ProxyConfig(backends=()))
+    except ProxyConfigError as exc:
+        raise TopologyError(f"{where} proxy: {exc}") from None
+    if engine == "nginx" and proxy.get("allow_paths"):
+        raise TopologyError(f"{where}: proxy.allow_paths is not rendered for nginx (deny_paths is)")
+    strategy = table.get("strategy", "round-robin")
+    if engine == "nginx" and strategy not in NGINX_STRATEGIES:
+        known = ", ".join(sorted(NGINX_STRATEGIES))
+        raise TopologyError(f"{where}: nginx has no {strategy!r} strategy (it has: {known})")
+    return engine, dict(proxy)
+
+
+def _balancing(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The balancing keys of a role's table, validated; active health checks on by default."""
+    settings = {"checks": True, **{k: v for k, v in table.items() if k != "count"}}
+    try:
+        parse_settings(settings)
+    except BalancerConfigError as exc:
+        raise TopologyError(f"{where}: {exc}") from None
+    return settings
 
 
 def layout(topology: Topology, port_base: int) -> Layout:
@@ -268,6 +376,26 @@ def layout(topology: Topology, port_base: int) -> Layout:
                 )
                 for r in range(1, group.replicas + 1)
             ]
+    # The directory last, so adding it kept every other node's port (replicas of an existing
+    # data dir stream from the ports recorded at their base backup).
+    directory_primary = f"{DIRECTORY_GROUP}-1-primary"
+    nodes.append(NodeSpec(directory_primary, Role.STORAGE, host, take(), DIRECTORY_GROUP, 1))
+    nodes += [
+        NodeSpec(
+            f"{DIRECTORY_GROUP}-1-replica-{r}",
+            Role.STORAGE,
+            host,
+            take(),
+            DIRECTORY_GROUP,
+            1,
+            replica_of=directory_primary,
+        )
+        for r in range(1, topology.directory_replicas + 1)
+    ]
+    nodes += [
+        NodeSpec(f"directory-{i}", Role.DIRECTORY, host, take())
+        for i in range(1, topology.directory_count + 1)
+    ]
     return Layout(topology=topology, port_base=port_base, nodes=tuple(nodes))
 
 
@@ -280,7 +408,53 @@ def _internal_port_count(topology: Topology) -> int:
         + topology.app_count
         + topology.cache_count
         + storage
+        + 1
+        + topology.directory_replicas
+        + topology.directory_count
     )
+
+
+_CACHING_KEYS = (
+    "enabled",
+    "local_policy",
+    "local_max_entries",
+    "failure_mode",
+    "node_failure_modes",
+    "redelete_after_s",
+    "types",
+)
+
+
+def _caching(cache: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The product caching keys of ``[cache]``, validated by the app's own parser."""
+    from photostack.service._caching import CachingConfig
+
+    raw = {k: v for k, v in cache.items() if k in _CACHING_KEYS}
+    try:
+        CachingConfig.from_dict(raw)
+    except ValueError as exc:
+        raise TopologyError(f"{where}: {exc}") from None
+    return raw
+
+
+def _cache_bounds(
+    cache: Mapping[str, Any], engine: str, where: str
+) -> tuple[PolicyName | None, int | None]:
+    """``policy`` and ``maxmemory_bytes`` of ``[cache]``; a policy Redis lacks needs our node."""
+    policy = None
+    if "policy" in cache:
+        try:
+            policy = parse_policy_name(_str(cache, "policy", "", where))
+        except UnknownPolicyError as exc:
+            raise TopologyError(f"{where}: {exc}") from exc
+        if engine == "redis" and not policy.redis_supports:
+            raise TopologyError(
+                f"{where}: policy {policy.short!r} needs engine = 'photostack' (Redis lacks it)"
+            )
+    memory = None
+    if "maxmemory_bytes" in cache:
+        memory = _int(cache, "maxmemory_bytes", 0, where, low=1, high=_MAX_CACHE_BYTES)
+    return policy, memory
 
 
 def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:

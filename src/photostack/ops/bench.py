@@ -16,8 +16,15 @@ from pathlib import Path
 
 import click
 
+from photostack.ops._bench_balancer import run_balancer_suite
+from photostack.ops._bench_cache import run_cache_suite
+from photostack.ops._bench_cache_product import run_cache_product_suite
 from photostack.ops._bench_pathrun import _finite, run_path_suite
+from photostack.ops._bench_proxy import run_proxy_suite
+from photostack.ops._bench_queue import run_queue_suite
+from photostack.ops._bench_realtime import run_realtime_suite
 from photostack.ops._bench_report import detect_machine
+from photostack.ops._bench_ring import run_ring_suite
 from photostack.ops.benchsuite import (
     Out,
     Suite,
@@ -42,6 +49,13 @@ run, with the same load generator, on the machine named in each suite's line. Re
 
 SUITES: tuple[Suite, ...] = (
     Suite("path", "GET /v1/users/{id} through the edge vs a bare uvicorn hello", run_path_suite),
+    Suite("balancer", "Smart client latency per call vs a direct connection", run_balancer_suite),
+    Suite("cache", "Eviction hit ratios (Zipf); cache node vs redis-server", run_cache_suite),
+    Suite("ring", "Consistent-hash lookups/s, skew, keys moved vs uhashring", run_ring_suite),
+    Suite("realtime", "Short vs long polling vs SSE vs WebSocket; 10k SSE", run_realtime_suite),
+    Suite("proxy", "One backend direct, through nginx and through the edge", run_proxy_suite),
+    Suite("queue", "Queue tasks/s enqueue->done: Postgres, RabbitMQ vs PgQueuer", run_queue_suite),
+    Suite("cacheproduct", "Ring cost, DB load on cache kill, hit RR/hash", run_cache_product_suite),
 )
 
 

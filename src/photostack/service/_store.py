@@ -19,6 +19,7 @@ import asyncpg
 from photostack.blocks.storage import ShardRouter
 
 from ._codec import Cursor, format_time, new_id
+from ._events import EventStore, follower_event_data
 
 __all__ = [
     "DomainError",
@@ -83,8 +84,9 @@ def _user_json(row: asyncpg.Record) -> dict[str, Any]:
 class UserStore:
     """Users and follows; every method is a few single-shard statements, run concurrently."""
 
-    def __init__(self, router: ShardRouter[Pool]) -> None:
+    def __init__(self, router: ShardRouter[Pool], events: EventStore | None = None) -> None:
         self._router = router
+        self._events = events  # follow produces follower.new to the followee when set
 
     # -- users ---------------------------------------------------------------------------------
 
@@ -190,11 +192,12 @@ class UserStore:
         )
         return {row["key"]: int(row["n"]) for rows in results for row in rows}
 
-    async def _require_users(self, *ids: str) -> None:
+    async def _require_users(self, *ids: str) -> dict[str, asyncpg.Record]:
         found = await self._fetch_users(ids)
         for user_id in ids:
             if user_id not in found:
                 raise UserNotFoundError(user_id)
+        return found
 
     # -- follows -------------------------------------------------------------------------------
 
@@ -205,7 +208,7 @@ class UserStore:
         """
         if user_id == target_id:
             raise SelfFollowError(user_id)
-        await self._require_users(user_id, target_id)
+        found = await self._require_users(user_id, target_id)
         forward = self._router.shard_for("social", user_id)
         created_at: datetime | None = await forward.fetchval(
             "INSERT INTO following (user_id, target_id) VALUES ($1, $2) "
@@ -228,6 +231,13 @@ class UserStore:
             user_id,
             created_at,
         )
+        if self._events is not None:  # keyed by the edge: a repeat call produces it at most once
+            await self._events.produce(
+                target_id,
+                "follower.new",
+                follower_event_data(_user_json(found[user_id])),
+                dedupe_key=f"follow:{user_id}:{created_at.isoformat()}",
+            )
 
     async def unfollow(self, user_id: str, target_id: str) -> None:
         """Idempotent. Deletes the reverse edge first, then the forward edge."""

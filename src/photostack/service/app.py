@@ -9,6 +9,7 @@ response):
 - ``PUT    /internal/v1/users/{id}/following/{target_id}`` -> 204 | 404 | 422 ``self_follow``
 - ``DELETE /internal/v1/users/{id}/following/{target_id}`` -> 204
 - ``GET    /internal/v1/users/{id}/following|followers?limit=&cursor=`` -> 200 page | 404
+- photos (``_photos.py``) and internal-only user deletion and jobs (``_jobs.py``): see there
 - ``GET /healthz`` (503 until every shard pool is up and its schema applied), ``GET /metrics``
 
 The web node has authenticated and validated the request; this node checks again what it relies on.
@@ -30,6 +31,7 @@ from starlette.responses import Response
 
 from photostack.blocks.storage import ShardRouter
 
+from ._caching import CachingConfig, ProductCache, cached_response
 from ._codec import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -39,6 +41,7 @@ from ._codec import (
     encode_cursor,
     parse_create_user,
 )
+from ._events import EventStore, add_internal_event_routes, event_store_for, trim_forever
 from ._http import (
     ApiError,
     Health,
@@ -49,6 +52,8 @@ from ._http import (
     install_error_handlers,
     metrics_response,
 )
+from ._jobs import JobRunner, Jobs, add_internal_job_routes
+from ._photos import PhotoStore, add_internal_photo_routes
 from ._store import (
     EdgeKind,
     Page,
@@ -56,6 +61,14 @@ from ._store import (
     UsernameTakenError,
     UserNotFoundError,
     UserStore,
+)
+from .directory import (
+    NO_GUARD,
+    DirectoryClientConfig,
+    HttpTransport,
+    MapGuard,
+    MapRouting,
+    OwnershipGuard,
 )
 from .schema import GROUPS, apply_schema_on
 from .settings import AppSettings
@@ -102,6 +115,18 @@ class AppNode:
             registry=self.registry,
         )
         self._store: UserStore | None = None
+        self._events: EventStore | None = None
+        # cached read paths (docs/caching.md): local cache, ring over the cache nodes, bus
+        self.cache = ProductCache(
+            CachingConfig.from_dict(settings.caching),
+            settings.cache_nodes,
+            origin=settings.name,
+            registry=self.registry,
+        )
+        self._photos: PhotoStore | None = None
+        self._jobs: Jobs | None = None
+        self.routing: MapRouting[Pool] | None = None  # set when the directory places storage
+        self._tasks: list[asyncio.Task[None]] = []
         self._pools: list[Pool] = []
         self._ready = asyncio.Event()
 
@@ -112,6 +137,30 @@ class AppNode:
             state = self.health.state.value
             raise ApiError(503, "app_unavailable", f"the app node is {state}", {"Retry-After": "1"})
         return self._store
+
+    @property
+    def events(self) -> EventStore:
+        """The per-user event logs; 503 while starting or draining (like ``store``)."""
+        if self._events is None or not self.health.is_ready:
+            self.store  # noqa: B018 - raises the 503
+        assert self._events is not None
+        return self._events
+
+    @property
+    def photos(self) -> PhotoStore:
+        """Photo metadata; 503 while starting or draining (like ``store``)."""
+        if self._photos is None or not self.health.is_ready:
+            self.store  # noqa: B018 - raises the 503
+        assert self._photos is not None
+        return self._photos
+
+    @property
+    def jobs(self) -> Jobs:
+        """Cross-shard jobs and user deletion; 503 while starting or draining."""
+        if self._jobs is None or not self.health.is_ready:
+            self.store  # noqa: B018 - raises the 503
+        assert self._jobs is not None
+        return self._jobs
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -124,23 +173,54 @@ class AppNode:
             yield
         finally:
             self.health.to(HealthState.DRAINING)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for background in (task, *self._tasks):
+                background.cancel()
+            await asyncio.gather(task, *self._tasks, return_exceptions=True)
+            if self.routing is not None:
+                await self.routing.aclose()
             await asyncio.gather(*(self._close_pool(p) for p in self._pools))
+            if self._events is not None:
+                await self._events.aclose()
+            await self.cache.aclose()
 
-    async def _start(self) -> None:
+    async def _connect_storage(self) -> tuple[ShardRouter[Pool], OwnershipGuard]:
+        """The router: the directory's map when there are directory nodes, else static."""
+        s = self.settings
+        if s.directory_nodes:
+            self.routing = MapRouting(
+                s.directory_nodes,
+                HttpTransport(),
+                self._open_shard,
+                DirectoryClientConfig(poll_interval_s=s.directory_poll_s),
+            )
+            router = await self.routing.start()
+            self._tasks.append(asyncio.create_task(self.routing.poll_forever()))
+            return router, MapGuard(self.routing.current, self.routing.refresh)
         groups: dict[str, list[Pool]] = {}
         for group in GROUPS:
             groups[group] = list(
                 await asyncio.gather(
-                    *(self._open_shard(group, s.primary) for s in self.settings.storage[group])
+                    *(self._open_shard(group, d.primary) for d in s.storage[group])
                 )
             )
-        self._store = UserStore(ShardRouter(groups))
+        return ShardRouter(groups), NO_GUARD
+
+    async def _start(self) -> None:
+        router, guard = await self._connect_storage()
+        self._events = event_store_for(self.settings, router)
+        self._store = UserStore(router, self._events)
+        self._photos = PhotoStore(
+            router, static_base_url=self.settings.static_base_url, guard=guard
+        )
+        self._jobs = Jobs(router, guard=guard)
+        await self.cache.start()  # subscribed to invalidations before serving reads
         self.health.to(HealthState.READY)
         self._ready.set()
         log.info("%s ready: %s", self.settings.name, self._store)
+        if self.settings.jobs_enabled:
+            runner = JobRunner(self._jobs, STORAGE_ERRORS)
+            self._tasks.append(asyncio.create_task(runner.run_forever()))
+        await trim_forever(self._events, self.settings.events_trim_interval_s, STORAGE_ERRORS)
 
     async def _open_shard(self, group: str, dsn: str) -> Pool:
         s = self.settings
@@ -220,6 +300,9 @@ def create_app(settings: AppSettings) -> FastAPI:
 
     _add_user_routes(app, node)
     _add_follow_routes(app, node)
+    add_internal_event_routes(app, lambda: node.events)
+    add_internal_photo_routes(app, lambda: node.photos)
+    add_internal_job_routes(app, lambda: node.jobs)
     return app
 
 
@@ -236,21 +319,22 @@ def _add_user_routes(app: FastAPI, node: AppNode) -> None:
             user = await node.store.create_user(payload.username, payload.display_name)
         except UsernameTakenError as exc:
             raise ApiError(409, "username_taken", "that username is taken") from exc
+        await node.cache.after_create(user)
         return JsonResponse(user, status_code=201)
 
     @app.get("/internal/v1/users/by-username/{username}")
     async def get_by_username(username: str) -> Response:
-        try:
-            return JsonResponse(await node.store.get_user_by_username(username))
-        except UserNotFoundError as exc:
-            raise ApiError(404, "user_not_found", "no such user") from exc
+        body, hit = await node.cache.user_by_username(node.store, username)
+        if body is None:
+            raise ApiError(404, "user_not_found", "no such user")
+        return cached_response(body, hit)
 
     @app.get("/internal/v1/users/{user_id}")
     async def get_user(user_id: str) -> Response:
-        try:
-            return JsonResponse(await node.store.get_user(user_id))
-        except UserNotFoundError as exc:
-            raise ApiError(404, "user_not_found", "no such user") from exc
+        body, hit = await node.cache.user(node.store, user_id)
+        if body is None:
+            raise ApiError(404, "user_not_found", "no such user")
+        return cached_response(body, hit)
 
 
 def _add_follow_routes(app: FastAPI, node: AppNode) -> None:
@@ -262,11 +346,13 @@ def _add_follow_routes(app: FastAPI, node: AppNode) -> None:
             raise ApiError(422, "self_follow", "a user cannot follow themselves") from exc
         except UserNotFoundError as exc:
             raise ApiError(404, "user_not_found", "no such user") from exc
+        await node.cache.after_follow_change(node.store, user_id, target_id)
         return Response(status_code=204)
 
     @app.delete("/internal/v1/users/{user_id}/following/{target_id}", status_code=204)
     async def unfollow(user_id: str, target_id: str) -> Response:
         await node.store.unfollow(user_id, target_id)
+        await node.cache.after_follow_change(node.store, user_id, target_id)
         return Response(status_code=204)
 
     async def list_edges(kind: EdgeKind, user_id: str, limit: int, cursor: str | None) -> Response:
@@ -274,6 +360,14 @@ def _add_follow_routes(app: FastAPI, node: AppNode) -> None:
             after = decode_cursor(cursor) if cursor is not None else None
         except InvalidCursorError as exc:
             raise ApiError(400, "invalid_cursor", "cursor is not one this API issued") from exc
+        cached = None
+        if after is None:  # the first page is cached (at the default size)
+            cached = await node.cache.edges(node.store, kind, user_id, limit)
+        if cached is not None:
+            body, hit = cached
+            if body is None:
+                raise ApiError(404, "user_not_found", "no such user")
+            return cached_response(body, hit)
         try:
             page = await node.store.list_edges(kind, user_id, limit, after)
         except UserNotFoundError as exc:

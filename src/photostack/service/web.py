@@ -31,6 +31,7 @@ from ._codec import (
     is_valid_username,
     parse_create_user,
 )
+from ._events_web import WebEvents, add_event_routes
 from ._http import (
     JSON_MEDIA_TYPE,
     ApiError,
@@ -41,6 +42,7 @@ from ._http import (
     install_error_handlers,
     metrics_response,
 )
+from ._photos_web import add_photo_routes
 from ._tokens import InvalidTokenError, TokenSigner
 from .settings import WebSettings
 
@@ -52,7 +54,7 @@ Hook = Callable[[], Awaitable[None]]
 UserIdParam = Annotated[str, Path(description="an opaque user id")]
 LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="page size, 1-100")]
 CursorParam = Annotated[str | None, Query(description="next_cursor of the previous page")]
-_FORWARDED_HEADERS = ("retry-after",)
+_FORWARDED_HEADERS = ("retry-after", "x-cache")  # X-Cache: hit|miss of cached reads
 
 
 class WebNode:
@@ -174,16 +176,24 @@ def create_app(
     Raises OSError when the token secret cannot be read, ValueError when it is too short.
     """
     node = WebNode(settings, app_client, unavailable_errors)
+    events = WebEvents(settings, app_client, unavailable_errors, node.registry)
+
+    async def drain() -> None:
+        """Before the server stops: 503 on /healthz, streams closed with a reconnect hint."""
+        node.health.to(HealthState.DRAINING)
+        events.drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if on_startup is not None:
             await on_startup()
+        await events.start()
         node.health.to(HealthState.READY)
         try:
             yield
         finally:
             node.health.to(HealthState.DRAINING)
+            await events.aclose()
             if on_shutdown is not None:
                 await on_shutdown()
 
@@ -194,6 +204,8 @@ def create_app(
         default_response_class=JsonResponse,
     )
     app.state.node = node
+    app.state.events = events
+    app.state.drain = drain  # the node runner calls it on SIGTERM, before the server drains
     install_error_handlers(app)
     app.add_middleware(NodeMiddleware, node_name=settings.name, registry=node.registry)
 
@@ -207,6 +219,8 @@ def create_app(
 
     _add_user_routes(app, node)
     _add_follow_routes(app, node)
+    add_event_routes(app, node.signer, events)
+    add_photo_routes(app, node)
     return app
 
 

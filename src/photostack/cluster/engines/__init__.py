@@ -9,6 +9,7 @@ from photostack.cluster.engines._pginstall import (
 from photostack.cluster.engines._ports import ensure_port_free
 from photostack.cluster.engines._sysuser import RUN_USER, RunAs, run_as
 from photostack.cluster.engines.base import Engine, EngineError, ProcessSpec
+from photostack.cluster.engines.cachenode import CacheNodeConfig, CacheNodeEngine
 from photostack.cluster.engines.postgres import (
     PostgresConfig,
     PostgresEngine,
@@ -20,6 +21,8 @@ from photostack.cluster.engines.redis import RedisConfig, RedisEngine
 
 __all__ = [
     "RUN_USER",
+    "CacheNodeConfig",
+    "CacheNodeEngine",
     "Engine",
     "EngineError",
     "PostgresConfig",
