@@ -1,14 +1,22 @@
-"""The edge's Prometheus metrics, in a registry of its own (several proxies may share a process)."""
+"""The edge's Prometheus metrics, in a registry of its own (several proxies may share a process).
+
+The request path only increments plain integers; they are read at scrape time by collectors,
+so no label lookup or lock is paid per request.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from photostack.blocks.balancer import BackendState, UpstreamHooks
+
+if TYPE_CHECKING:
+    from photostack.blocks.proxy._context import ProxyContext
 
 __all__ = ["ProxyMetrics"]
 
@@ -41,11 +49,47 @@ class _BackendCollector(Collector):
             for candidate in BackendState:
                 is_current = row["state"] == candidate.value
                 state.add_metric([name, candidate.value], 1.0 if is_current else 0.0)
-            in_flight.add_metric([name], float(str(row["in_flight"])))
-            markdowns.add_metric([name], float(str(row["markdowns"])))
+            in_flight.add_metric([name], float(str(row.get("in_flight", 0))))
+            markdowns.add_metric([name], float(str(row.get("markdowns", 0))))
         yield state
         yield in_flight
         yield markdowns
+
+
+class _CounterCollector(Collector):
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "photostack_edge_requests",
+            "Requests answered by the edge, by status class",
+            labels=["status_class"],
+        )
+        for index, name in enumerate(_STATUS_CLASSES):
+            requests.add_metric([name], float(m.by_class[index + 1]))
+        yield requests
+        yield CounterMetricFamily(
+            "photostack_edge_client_timeouts",
+            "Client connections closed for a slow head or an idle keep-alive",
+            value=float(m.timeouts),
+        )
+        ctx = m.context
+        if ctx is not None and ctx.cache is not None:
+            cache = CounterMetricFamily(
+                "photostack_edge_cache", "Micro-cache lookups by outcome", labels=["outcome"]
+            )
+            cache.add_metric(["hit"], float(ctx.cache.hits))
+            cache.add_metric(["miss"], float(ctx.cache.misses))
+            cache.add_metric(["stale"], float(ctx.cache.stale_served))
+            yield cache
+        if ctx is not None and ctx.flights is not None:
+            yield CounterMetricFamily(
+                "photostack_edge_collapsed",
+                "Requests answered with another identical request's upstream response",
+                value=float(ctx.flights.collapsed),
+            )
 
 
 class ProxyMetrics(UpstreamHooks):
@@ -55,14 +99,10 @@ class ProxyMetrics(UpstreamHooks):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        requests = Counter(
-            "photostack_edge_requests",
-            "Requests answered by the edge, by status class",
-            ["status_class"],
-            registry=self.registry,
-        )
-        # Children looked up once: the request path only increments.
-        self._by_class = {c: requests.labels(c) for c in _STATUS_CLASSES}
+        self.by_class = [0] * 7  # index: status // 100 (0 and 6 catch nonsense)
+        self.timeouts = 0
+        self.context: ProxyContext | None = None
+        self.registry.register(_CounterCollector(self))
         self._retries = Counter(
             "photostack_edge_upstream_retries",
             "Tries repeated on another backend, by why the previous one failed",
@@ -74,10 +114,13 @@ class ProxyMetrics(UpstreamHooks):
         """Export the backend pool that ``snapshot`` describes."""
         self.registry.register(_BackendCollector(snapshot))
 
+    def watch_features(self, context: ProxyContext) -> None:
+        self.context = context
+
     def count_response(self, status: int) -> None:
-        child = self._by_class.get(f"{status // 100}xx")
-        if child is not None:
-            child.inc()
+        index = status // 100
+        if 0 < index < 6:
+            self.by_class[index] += 1
 
     def on_retry(self, backend: str, reason: str) -> None:
         self._retries.labels(reason).inc()

@@ -7,27 +7,41 @@ lifecycle itself, and ``serve_proxy(config)`` for a node runner that runs it unt
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 
-from photostack.blocks.balancer import Upstream
+from photostack.blocks.balancer import BalancerMetrics, Upstream
 from photostack.blocks.proxy._config import ProxyConfig
+from photostack.blocks.proxy._context import ProxyContext
 from photostack.blocks.proxy._metrics import ProxyMetrics
-from photostack.blocks.proxy._protocol import ClientConnection, ProxyContext
+from photostack.blocks.proxy._protocol import ClientConnection
+from photostack.blocks.proxy._tls import server_context
 
 __all__ = ["ProxyServer", "serve_proxy"]
 
 _ABORT_GRACE_S = 1.0
+_MAX_TICK_S = 0.5
 
 
 class ProxyServer:
     """An HTTP/1.1 reverse proxy over ``config.backends``, sharing the balancer's upstream core."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, *, clock: Callable[[], float] | None = None) -> None:
+        """``clock`` drives the micro-cache's freshness (event-loop time by default)."""
         self.config = config
+        self._clock = clock
         self.metrics = ProxyMetrics()
-        self.upstream = Upstream(config.backends, config.upstream, hooks=self.metrics)
+        # Ejections, retries by reason, budget exhaustion and slow-start shares (docs/balancing.md).
+        self.balancer_metrics = BalancerMetrics("photostack_edge_balancer", self.metrics.registry)
+        self.upstream = Upstream(
+            config.backends, config.upstream, hooks=(self.metrics, self.balancer_metrics)
+        )
         self.metrics.watch(self.upstream.snapshot)
+        self.balancer_metrics.watch(self.upstream.snapshot)
         self._ctx: ProxyContext | None = None
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<ProxyServer {self.config.name} {self.config.listen_host}:{self.port}>"
@@ -39,17 +53,49 @@ class ProxyServer:
             return self.config.listen_port
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The bound https port, when TLS is on."""
+        if self._tls_server is None or not self._tls_server.sockets:
+            return self.config.tls.port if self.config.tls else None
+        return int(self._tls_server.sockets[0].getsockname()[1])
+
+    @property
+    def context(self) -> ProxyContext | None:
+        """Shared state of the running server (features, connections); None before start."""
+        return self._ctx
+
     async def start(self) -> None:
         """Bind and start accepting. Raises OSError if the address is taken."""
         loop = asyncio.get_running_loop()
-        ctx = ProxyContext(self.config, self.upstream, self.metrics)
+        await self.upstream.start()  # active health checks, when configured
+        ctx = ProxyContext(self.config, self.upstream, self.metrics, clock=self._clock)
         self._ctx = ctx
+        tls = self.config.tls
+        ssl_context = server_context(tls.cert_path, tls.key_path) if tls else None
+        proto = self.config.forwarded_proto
         self._server = await loop.create_server(
-            lambda: ClientConnection(ctx),
+            lambda: ClientConnection(ctx, proto=proto),
             self.config.listen_host,
             self.config.listen_port,
             backlog=1024,
         )
+        if tls is not None:
+            try:
+                self._tls_server = await loop.create_server(
+                    lambda: ClientConnection(ctx, proto="https"),
+                    self.config.listen_host,
+                    tls.port,
+                    backlog=1024,
+                    ssl=ssl_context,
+                )
+            except BaseException:
+                self._server.close()
+                raise
+        tick_s = min(
+            _MAX_TICK_S, self.config.header_timeout_s / 4, self.config.client_timeout_s / 4
+        )
+        self._ticker = loop.create_task(_tick(ctx, tick_s))
 
     def snapshot(self) -> list[dict[str, object]]:
         return self.upstream.snapshot()
@@ -60,6 +106,8 @@ class ProxyServer:
         if ctx is not None and server is not None and not ctx.draining:
             ctx.draining = True
             server.close()
+            if self._tls_server is not None:
+                self._tls_server.close()
             for conn in list(ctx.connections):
                 if conn.is_idle:
                     conn.close()
@@ -70,7 +118,22 @@ class ProxyServer:
                         conn.abort()
                     await _wait(ctx.all_closed, _ABORT_GRACE_S)
             await server.wait_closed()
+            if self._tls_server is not None:
+                await self._tls_server.wait_closed()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if ctx is not None:
+            ctx.close()
         await self.upstream.aclose()
+
+
+async def _tick(ctx: ProxyContext, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        ctx.tick()
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> bool:

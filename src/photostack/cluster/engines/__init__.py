@@ -10,6 +10,7 @@ from photostack.cluster.engines._ports import ensure_port_free
 from photostack.cluster.engines._sysuser import RUN_USER, RunAs, run_as
 from photostack.cluster.engines.base import Engine, EngineError, ProcessSpec
 from photostack.cluster.engines.cachenode import CacheNodeConfig, CacheNodeEngine
+from photostack.cluster.engines.nginx import NginxBackend, NginxConfig, NginxEngine
 from photostack.cluster.engines.postgres import (
     PostgresConfig,
     PostgresEngine,
@@ -25,6 +26,9 @@ __all__ = [
     "CacheNodeEngine",
     "Engine",
     "EngineError",
+    "NginxBackend",
+    "NginxConfig",
+    "NginxEngine",
     "PostgresConfig",
     "PostgresEngine",
     "PostgresInstall",

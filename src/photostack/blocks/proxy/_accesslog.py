@@ -1,0 +1,97 @@
+"""The structured access log: one JSON object per line per request, written in batches.
+
+Lines are built with plain string formatting (``json.dumps`` only for strings that need
+escaping) and flushed when the buffer passes ``flush_bytes`` or when the server's
+housekeeping tick calls ``flush()``, so logging costs no system call per request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+__all__ = ["AccessLog", "format_entry"]
+
+_SAFE = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
+
+
+def _js(value: str) -> str:
+    if all(c in _SAFE for c in value):
+        return f'"{value}"'
+    return json.dumps(value)
+
+
+def _num(value: float | None) -> str:
+    return "null" if value is None else f"{value:.6f}"
+
+
+def format_entry(
+    *,
+    time_s: float,
+    request_id: str,
+    client: str,
+    method: str,
+    path: str,
+    backend: str | None,
+    status: int,
+    bytes_in: int,
+    bytes_out: int,
+    upstream_connect_s: float | None,
+    upstream_first_byte_s: float | None,
+    total_s: float,
+    cache: str | None = None,
+) -> str:
+    """One JSON line (with its newline)."""
+    tail = "" if cache is None else f',"cache":{_js(cache)}'
+    return (
+        f'{{"time":{time_s:.3f},"request_id":{_js(request_id)},"client":{_js(client)},'
+        f'"method":{_js(method)},"path":{_js(path)},'
+        f'"backend":{"null" if backend is None else _js(backend)},"status":{status},'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+        f'"upstream_connect_s":{_num(upstream_connect_s)},'
+        f'"upstream_first_byte_s":{_num(upstream_first_byte_s)},"total_s":{total_s:.6f}'
+        f"{tail}}}\n"
+    )
+
+
+class AccessLog:
+    """Appends to ``path`` ("-" is stderr, i.e. the node log)."""
+
+    def __init__(self, path: Path, *, flush_bytes: int = 64 * 1024) -> None:
+        self.path = path
+        self._flush_bytes = flush_bytes
+        self._parts: list[str] = []
+        self._size = 0
+        self._handle: IO[str] | None = None
+        if str(path) == "-":
+            self._handle = sys.stderr
+            self._owned = False
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._handle = os.fdopen(fd, "a", encoding="utf-8")
+            self._owned = True
+
+    def write(self, line: str) -> None:
+        self._parts.append(line)
+        self._size += len(line)
+        if self._size >= self._flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._parts or self._handle is None:
+            return
+        text = "".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        self._handle.write(text)
+        self._handle.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned and self._handle is not None:
+            self._handle.close()
+        self._handle = None
