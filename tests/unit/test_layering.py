@@ -19,6 +19,7 @@ BLOCK_EDGES_ALLOWED = {
     ("proxy", "ring"),
     ("balancer", "ring"),
     ("storage", "ring"),
+    ("cache", "ring"),  # the distributed cache client places keys with the consistent-hash ring
 }
 
 

@@ -2,7 +2,10 @@
 the photostack cache node (a RESP2 server).
 
 Policy code is pure (injected clock and randomness); asyncio drives it in ``SingleFlight``,
-``ReadThrough``, the write policies and ``CacheServer``. Run a node with
+``ReadThrough``, the write policies and ``CacheServer``. The distributed tier: ``RingCache``
+(client-side consistent-hash routing over cache nodes, per-node failure modes, epochs),
+``CacheAside`` / ``GlobalReadThrough`` (the global cache's two forms) and ``InvalidationBus``
+(pub/sub invalidation of the app nodes' local caches). Run a node with
 ``python -m photostack.blocks.cache.server --port P --maxmemory-bytes N --policy lru``.
 """
 
@@ -21,6 +24,16 @@ from photostack.blocks.cache._errors import (
     UnknownPolicyError,
     WriteBackClosedError,
 )
+from photostack.blocks.cache._global import (
+    CacheAside,
+    GlobalLookup,
+    GlobalReadThrough,
+    GlobalStats,
+    RemoteTier,
+    decode_envelope,
+    encode_envelope,
+)
+from photostack.blocks.cache._invalidation import BusStats, InvalidationBus
 from photostack.blocks.cache._lfu import LFUPolicy
 from photostack.blocks.cache._node import NodeCore
 from photostack.blocks.cache._policy import (
@@ -43,6 +56,20 @@ from photostack.blocks.cache._readthrough import (
     ReadThroughStats,
 )
 from photostack.blocks.cache._resp import RequestParser, RespProtocolError
+from photostack.blocks.cache._ring_client import (
+    CacheNodeAddress,
+    RingCache,
+    RingCacheConfig,
+    RingCacheStats,
+)
+from photostack.blocks.cache._ring_routing import (
+    FailureMode,
+    IllegalTransitionError,
+    NodeHealth,
+    NodeState,
+    Route,
+    parse_failure_mode,
+)
 from photostack.blocks.cache._server import CacheServer
 from photostack.blocks.cache._session import NodeConfig, Session, parse_memory
 from photostack.blocks.cache._stampede import (
@@ -68,8 +95,11 @@ from photostack.blocks.cache._write import (
 
 __all__ = [
     "BoundedCache",
+    "BusStats",
+    "CacheAside",
     "CacheError",
     "CacheFullError",
+    "CacheNodeAddress",
     "CacheServer",
     "CacheStats",
     "CacheStatus",
@@ -77,7 +107,13 @@ __all__ = [
     "Clock",
     "DirtySetFullError",
     "FIFOPolicy",
+    "FailureMode",
     "Freshness",
+    "GlobalLookup",
+    "GlobalReadThrough",
+    "GlobalStats",
+    "IllegalTransitionError",
+    "InvalidationBus",
     "KeyLocks",
     "LFUPolicy",
     "LIFOPolicy",
@@ -88,6 +124,8 @@ __all__ = [
     "NoEvictionPolicy",
     "NodeConfig",
     "NodeCore",
+    "NodeHealth",
+    "NodeState",
     "Policy",
     "PolicyName",
     "RandomPolicy",
@@ -95,8 +133,13 @@ __all__ = [
     "ReadThrough",
     "ReadThroughConfig",
     "ReadThroughStats",
+    "RemoteTier",
     "RequestParser",
     "RespProtocolError",
+    "RingCache",
+    "RingCacheConfig",
+    "RingCacheStats",
+    "Route",
     "Session",
     "SingleFlight",
     "Store",
@@ -112,8 +155,11 @@ __all__ = [
     "WriteBackStats",
     "WriteThrough",
     "classify",
+    "decode_envelope",
     "default_sizer",
+    "encode_envelope",
     "make_policy",
+    "parse_failure_mode",
     "parse_memory",
     "parse_policy_name",
     "xfetch_refresh_due",
