@@ -39,8 +39,10 @@ def test_default_topology_is_the_documented_cluster() -> None:
     assert lay.node("edge-1").port == 8080
     assert (lay.static_port, lay.control_port) == (8081, 8090)
     storage = [n for n in lay.nodes if n.role is Role.STORAGE]
-    # users 1 shard, social 2, photos 2; every shard a primary plus one replica
-    assert len(storage) == 10
+    # users 1 shard, social 2, photos 2, directory 1, queue 1; each a primary plus one replica
+    assert len(storage) == 14
+    assert [n.name for n in lay.by_role(Role.WORKER)] == ["worker-1", "worker-2"]
+    assert [n.name for n in lay.by_role(Role.DIRECTORY)] == ["directory-1", "directory-2"]
     primary, replicas = lay.shard_nodes("social", 2)
     assert primary.name == "social-2-primary"
     assert [r.name for r in replicas] == ["social-2-replica-1"]

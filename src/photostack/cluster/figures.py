@@ -32,7 +32,41 @@ async def collect(node: ManagedNode) -> dict[str, Any]:
         return await _redis(spec.host, spec.port)
     if spec.role is Role.DIRECTORY:
         return await _directory(spec.host, spec.port)
+    if spec.role is Role.WORKER:
+        return await _worker(spec.host, spec.port)
     return {}
+
+
+_WORKER_FIGURES = {
+    "photostack_queue_depth": "queue_depth",
+    "photostack_queue_oldest_age_seconds": "oldest_age_s",
+    "photostack_queue_running": "running",
+    "photostack_queue_dead_letters": "dead",
+    "photostack_worker_busy": "busy",
+}
+
+
+async def _worker(host: str, port: int) -> dict[str, Any]:
+    """Queue depth, oldest age, running and dead tasks (the queue's), and this worker's load,
+    from the worker's own /metrics."""
+    try:
+        async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+            response = await client.get(f"http://{host}:{port}/metrics")
+    except httpx.HTTPError as exc:
+        return {"error": str(exc) or type(exc).__name__}
+    if response.status_code != 200:
+        return {"error": f"HTTP {response.status_code}"}
+    figures: dict[str, Any] = {}
+    for line in response.text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in _WORKER_FIGURES and "}" in rest:
+            value = rest.rsplit("}", 1)[1].strip()
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            figures[_WORKER_FIGURES[name]] = round(number, 3) if "age" in name else int(number)
+    return figures
 
 
 async def _primary(host: str, port: int) -> dict[str, Any]:

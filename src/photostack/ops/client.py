@@ -59,6 +59,10 @@ class ControlClient:
     def command(self, node: str, command: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/nodes/{node}/{command}")
 
+    def request(self, method: str, path: str) -> dict[str, Any]:
+        """Any other control API call (jobs, user deletion, the directory's map)."""
+        return self._call(method, path)
+
     def _call(self, method: str, path: str) -> dict[str, Any]:
         try:
             response = self._client.request(method, path)

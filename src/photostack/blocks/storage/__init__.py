@@ -8,6 +8,7 @@ from ._composite import CompositePartitioner, split_on
 from ._consistent import ConsistentHashPartitioner
 from ._directory import DirectoryPartitioner, InMemoryDirectory, ShardMap, logical_name
 from ._errors import StaleShardMapError, StorageError, UnknownGroupError, UnroutableKeyError
+from ._gather import GatherResult, ShardFailure, ShardOutcome, scatter_gather
 from ._list import ListPartitioner
 from ._partitioner import HashModPartitioner, Partitioner, stable_hash64
 from ._range import RangePartitioner, RangeStats, range_stats, split_points_for
@@ -18,6 +19,7 @@ __all__ = [
     "CompositePartitioner",
     "ConsistentHashPartitioner",
     "DirectoryPartitioner",
+    "GatherResult",
     "HashModPartitioner",
     "InMemoryDirectory",
     "ListPartitioner",
@@ -25,7 +27,9 @@ __all__ = [
     "RangePartitioner",
     "RangeStats",
     "RoundRobinPartitioner",
+    "ShardFailure",
     "ShardMap",
+    "ShardOutcome",
     "ShardRouter",
     "StaleShardMapError",
     "StorageError",
@@ -33,6 +37,7 @@ __all__ = [
     "UnroutableKeyError",
     "logical_name",
     "range_stats",
+    "scatter_gather",
     "split_on",
     "split_points_for",
     "stable_hash64",

@@ -28,25 +28,41 @@ class ShardRouter(Generic[ShardT]):
     """Routes keys of each storage group to one of that group's shards.
 
     ``partitioner_factory`` builds a group's partitioner from its shard count; the default is
-    :class:`HashModPartitioner`.
+    :class:`HashModPartitioner`. ``partitioners`` names a group's partitioner outright (e.g. a
+    :class:`DirectoryPartitioner` per group); :meth:`replace` swaps a group's shards and
+    partitioner at once when a new shard map arrives.
     """
 
     def __init__(
         self,
         groups: Mapping[str, Sequence[ShardT]],
         partitioner_factory: Callable[[int], Partitioner] = HashModPartitioner,
+        *,
+        partitioners: Mapping[str, Partitioner] | None = None,
     ) -> None:
         self._groups: dict[str, _Group[ShardT]] = {}
+        chosen = partitioners or {}
         for name, shards in groups.items():
-            if not shards:
-                raise ValueError(f"storage group {name!r} has no shards")
-            partitioner = partitioner_factory(len(shards))
-            if partitioner.shard_count != len(shards):
-                raise ValueError(
-                    f"partitioner for {name!r} covers {partitioner.shard_count} shards, "
-                    f"group has {len(shards)}"
-                )
-            self._groups[name] = _Group(partitioner, tuple(shards))
+            partitioner = chosen.get(name) or partitioner_factory(max(1, len(shards)))
+            self.replace(name, shards, partitioner)
+
+    def replace(self, group: str, shards: Sequence[ShardT], partitioner: Partitioner) -> None:
+        """Install (or swap in one step) ``group``'s shards and partitioner.
+
+        Raises ValueError when there are no shards or the partitioner covers another count.
+        """
+        if not shards:
+            raise ValueError(f"storage group {group!r} has no shards")
+        if partitioner.shard_count != len(shards):
+            raise ValueError(
+                f"partitioner for {group!r} covers {partitioner.shard_count} shards, "
+                f"group has {len(shards)}"
+            )
+        self._groups[group] = _Group(partitioner, tuple(shards))
+
+    def partitioner(self, group: str) -> Partitioner:
+        """``group``'s partitioner. Raises UnknownGroupError."""
+        return self._group(group).partitioner
 
     @property
     def groups(self) -> tuple[str, ...]:
