@@ -25,7 +25,16 @@ from photostack.blocks.storage import ShardRouter
 from photostack.cluster.engines.testing import PostgresServer
 from photostack.service import schema
 from photostack.service._events import EventStore
+from photostack.service._jobs import JobConfig, Jobs
+from photostack.service._photos import PhotoForbiddenError, PhotoStatus, PhotoStore
 from photostack.service._store import EdgeKind, UsernameTakenError, UserStore
+from photostack.service.directory import (
+    Endpoint,
+    MapGuard,
+    PhysicalShard,
+    claim_ownership,
+    initial_map,
+)
 
 pytestmark = [pytest.mark.component, pytest.mark.timeout(240)]
 
@@ -195,25 +204,115 @@ def databases(pg_server: PostgresServer) -> dict[str, str]:
     return dsn
 
 
-async def _record(databases: dict[str, str]) -> Recorder:
+async def _record(databases: dict[str, str], scratch: dict[str, str]) -> Recorder:
     for group, dsn in databases.items():
         await schema.apply_schema(group, dsn)
     await _load(databases)
+    await _load_directory_and_jobs(databases)
     recorder = Recorder()
     pools = {g: await asyncpg.create_pool(d, min_size=1, max_size=2) for g, d in databases.items()}
     try:
         router = ShardRouter({g: [RecordingPool(p, g, recorder)] for g, p in pools.items()})
         events = EventStore(router)  # type: ignore[arg-type]
         await _drive(UserStore(router, events=events), events)  # type: ignore[arg-type]
+        await _drive_photos_and_jobs(router, recorder, databases, scratch)
     finally:
         for pool in pools.values():
             await pool.close()
     return recorder
 
 
+async def _load_directory_and_jobs(dsn: dict[str, str]) -> None:
+    """Ownership rows (1024 logical shards: the most a 16-shard group has) on every group and
+    20k user deletions (19k finished) on users, so their plans are the loaded ones."""
+    now = dt.datetime.now(dt.UTC)
+    for group, target in dsn.items():
+        conn = await asyncpg.connect(target)
+        try:
+            await claim_ownership(conn, range(1024), 1)
+            if group == "users":
+                await conn.copy_records_to_table(
+                    "user_deletions",
+                    records=[
+                        (f"d{i:07d}", f"gone{i}", "done" if i >= 1000 else "photos",
+                         now - dt.timedelta(seconds=i), now if i >= 1000 else None)
+                        for i in range(20_000)
+                    ],
+                    columns=["user_id", "username", "stage", "requested_at", "done_at"],
+                )  # fmt: skip
+            await conn.execute("ANALYZE")
+        finally:
+            await conn.close()
+
+
 @pytest.fixture(scope="module")
-def recorded(databases: dict[str, str]) -> Recorder:
-    return asyncio.run(_record(databases))
+def scratch_databases(pg_server: PostgresServer) -> dict[str, str]:
+    dsn = {}
+    for group in schema.GROUPS:
+        name = f"indexes_scratch_{group}"
+        pg_server.create_database(name)
+        dsn[group] = pg_server.dsn(name)
+    return dsn
+
+
+async def _drive_photos_and_jobs(
+    router: ShardRouter[Any], recorder: Recorder, loaded: dict[str, str], scratch: dict[str, str]
+) -> None:
+    """Photos on the loaded databases (guarded by ownership); the jobs on small scratch copies
+    (they scan whole tables), recorded the same way and EXPLAINed on the loaded ones."""
+    current = initial_map(
+        {g: [PhysicalShard(0, Endpoint(f"{g}-1-primary", d))] for g, d in loaded.items()}
+    )
+
+    async def no_refresh(seen: int) -> bool:
+        return False
+
+    guard = MapGuard(lambda: current, no_refresh)
+    users = UserStore(router)
+    owner = await users.create_user("photo_owner", None)
+    other = await users.create_user("photo_other", None)
+    photos = PhotoStore(router, static_base_url="http://s", guard=guard)
+    made = [await photos.create_photo_metadata(owner["id"], f"p{i}") for i in range(3)]
+    await photos.get_photo(made[0]["id"])
+    page = await photos.list_photos(owner["id"], 2, None)
+    assert page.next_cursor is not None
+    await photos.list_photos(owner["id"], 2, page.next_cursor)
+    await photos.set_status(made[0]["id"], PhotoStatus.READY, thumbnail_key="t")
+    with pytest.raises(PhotoForbiddenError):
+        await photos.delete_photo(made[1]["id"], other["id"])
+    await photos.delete_photo(made[1]["id"], owner["id"])
+
+    for group in schema.GROUPS:
+        await schema.apply_schema(group, scratch[group])
+    pools = {g: await asyncpg.create_pool(d, min_size=1, max_size=2) for g, d in scratch.items()}
+    try:
+        small = ShardRouter({g: [RecordingPool(p, g, recorder)] for g, p in pools.items()})
+        s_users = UserStore(small)  # type: ignore[arg-type]
+        a, b, c = [await s_users.create_user(n, None) for n in ("ja", "jb", "jc")]
+        await s_users.follow(a["id"], b["id"])
+        await s_users.follow(c["id"], a["id"])
+        s_photos = PhotoStore(small, static_base_url="http://s")  # type: ignore[arg-type]
+        await s_photos.create_photo_metadata(a["id"], "")
+        social = pools["social"]  # a half-written pair each way, for the reconciler
+        await social.execute(
+            "INSERT INTO following (user_id, target_id) VALUES ($1, $2)", b["id"], c["id"]
+        )
+        await social.execute(
+            "INSERT INTO followers (user_id, follower_id) VALUES ($1, $2)", a["id"], b["id"]
+        )
+        jobs = Jobs(small, JobConfig(batch_size=2))  # type: ignore[arg-type]
+        await jobs.run("reconcile-follows")
+        await jobs.delete_user(a["id"])
+        await jobs.run("user-cleanup")
+        await jobs.run("orphan-sweep")
+    finally:
+        for pool in pools.values():
+            await pool.close()
+
+
+@pytest.fixture(scope="module")
+def recorded(databases: dict[str, str], scratch_databases: dict[str, str]) -> Recorder:
+    return asyncio.run(_record(databases, scratch_databases))
 
 
 async def _explain(dsn: str, sql: str, args: tuple[Any, ...]) -> Any:

@@ -31,11 +31,11 @@ from photostack.cluster.engines import (
     postgres_data_home,
     postgres_dsn,
 )
-from photostack.cluster.engines.base import Engine
+from photostack.cluster.engines.base import Engine, ProcessSpec
 from photostack.cluster.nodes import NodeProcessConfig, PhotostackNodeEngine
 from photostack.cluster.state import NodeLifecycle
 from photostack.cluster.supervisor import ManagedNode
-from photostack.cluster.topology import DIRECTORY_GROUP, Layout, NodeSpec, Role
+from photostack.cluster.topology import DIRECTORY_GROUP, QUEUE_GROUP, Layout, NodeSpec, Role
 from photostack.service.directory import (
     ClusterMap,
     DirectorySettings,
@@ -154,6 +154,8 @@ def build(
             )
         if node.role is Role.CACHE:
             return _cache_engine(lay, node, data)
+        if node.role is Role.WORKER:
+            return _worker_engine(lay, node, data, peers[Role.APP])
         settings: dict[str, object]
         if node.role is Role.EDGE and lay.topology.edge_engine == "nginx":
             return _nginx_edge(lay, node, data, peers[Role.WEB])
@@ -171,6 +173,7 @@ def build(
                     app_nodes=tuple(peers[Role.APP]),
                     token_secret_path=secret,
                     cache_nodes=tuple(peers[Role.CACHE]),  # pub/sub for real-time events
+                    media=_media_settings(lay, data),  # uploads store originals there
                 )
             )
             settings["balancing"] = lay.topology.web_balancing
@@ -186,6 +189,9 @@ def build(
                     directory_nodes=tuple(peers[Role.DIRECTORY]),  # placement: the shard map
                     static_base_url=f"http://{lay.topology.host}:{lay.static_port}",
                     caching=lay.topology.caching,  # cached reads ([cache]; docs/caching.md)
+                    queue_dsn=queue_dsn(lay),  # uploads' tasks (docs/uploads.md)
+                    queue_max_length=lay.topology.queue_max_length,
+                    feed={"fanout_limit": lay.topology.feed_fanout_limit},
                 )
             )
         return PhotostackNodeEngine(
@@ -218,8 +224,8 @@ def build(
         for node in primaries:
             await ensure_database(node.host, node.port, DATABASE)
             assert node.group is not None
-            if node.group == DIRECTORY_GROUP:
-                continue  # the directory nodes create their table and store the first map
+            if node.group in (DIRECTORY_GROUP, QUEUE_GROUP):
+                continue  # the directory nodes / the queue's users create their own tables
             dsn = postgres_dsn(node.host, node.port, DATABASE)
             await apply_schema(node.group, dsn)
             assert node.shard is not None
@@ -235,6 +241,7 @@ def build(
         Phase("directory", names(Role.DIRECTORY)),
         Phase("caches", names(Role.CACHE)),
         Phase("app", names(Role.APP)),
+        Phase("workers", names(Role.WORKER)),  # they call the app nodes; stopped before them
         Phase("web", names(Role.WEB)),
         Phase("edge", names(Role.EDGE)),
     ]
@@ -370,6 +377,72 @@ def _cache_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
             maxmemory_bytes=topo.cache_maxmemory_bytes,
             maxmemory_policy=topo.cache_policy.value if topo.cache_policy else None,
         )
+    )
+
+
+QUEUE_NAME = "media"  # the uploads' queue (thumbnails, fan-out, cleanup)
+
+
+def queue_dsn(lay: Layout) -> str:
+    primary, _ = lay.shard_nodes(QUEUE_GROUP, 1)
+    return postgres_dsn(primary.host, primary.port, DATABASE)
+
+
+def _media_settings(lay: Layout, data: DataDir) -> dict[str, object]:
+    """The media origins as directories under the data dir (service/_uploads.DirMediaStore)."""
+    roots = [str(data.root / "media" / f"origin-{i}") for i in (1, 2)]
+    base = f"http://{lay.topology.host}:{lay.static_port}"
+    return {"engine": "dir", "roots": roots, "base_url": base}
+
+
+class WorkerEngine(PhotostackNodeEngine):
+    """``python -m photostack.blocks.queue.worker`` running the uploads' task registry; its
+    collaborators (app nodes, media) in a JSON file named by PHOTOSTACK_TASKS_SETTINGS."""
+
+    def __init__(self, config: NodeProcessConfig, argv: list[str]) -> None:
+        super().__init__(config)
+        self.argv = argv
+
+    def process_spec(self) -> ProcessSpec:
+        from photostack.service.tasks import SETTINGS_ENV
+
+        return ProcessSpec(
+            argv=self.argv,
+            cwd=self.config.spec_path.parent,
+            env={"PYTHONUNBUFFERED": "1", SETTINGS_ENV: str(self.config.spec_path)},
+            stop_timeout_s=15.0,
+        )
+
+
+def _worker_engine(lay: Layout, node: NodeSpec, data: DataDir, apps: list[Peer]) -> Engine:
+    import sys
+
+    topo = lay.topology
+    argv = [
+        sys.executable, "-m", "photostack.blocks.queue.worker",
+        "--dsn", queue_dsn(lay), "--queue", QUEUE_NAME,
+        "--tasks", "photostack.service.tasks:registry",
+        "--concurrency", str(topo.worker_concurrency),
+        "--visibility-timeout-s", str(topo.worker_visibility_timeout_s),
+        "--max-length", str(topo.queue_max_length),
+        "--host", node.host, "--port", str(node.port), "--worker-id", node.name,
+    ]  # fmt: skip
+    settings = {
+        "app_nodes": [vars(p) for p in apps],
+        "media": _media_settings(lay, data),
+        "balancing": topo.web_balancing,
+    }
+    return WorkerEngine(
+        NodeProcessConfig(
+            name=node.name,
+            role=node.role.value,
+            host=node.host,
+            port=node.port,
+            spec_path=data.run / f"{node.name}.json",
+            log_path=data.log_path(node.name),
+            settings=settings,
+        ),
+        argv,
     )
 
 

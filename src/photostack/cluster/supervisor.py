@@ -50,6 +50,7 @@ class SupervisorConfig:
             Role.DIRECTORY: 45.0,
             Role.WEB: 45.0,
             Role.EDGE: 30.0,
+            Role.WORKER: 45.0,
         }
     )
     probe_interval_s: float = 1.0

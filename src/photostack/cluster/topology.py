@@ -25,6 +25,7 @@ __all__ = [
     "EDGE_ENGINES",
     "INTERNAL_PORT_OFFSET",
     "PRODUCT_GROUPS",
+    "QUEUE_GROUP",
     "STATIC_PORT_OFFSET",
     "TLS_PORT_OFFSET",
     "Layout",
@@ -47,6 +48,7 @@ INTERNAL_PORT_OFFSET = 20
 # The product's vertical split: the service needs exactly these storage groups.
 PRODUCT_GROUPS = ("users", "social", "photos")
 DIRECTORY_GROUP = "directory"  # the directory service's own storage group
+QUEUE_GROUP = "queue"  # the task queue's own database (docs/uploads.md)
 _MAX_COUNT = 16
 _MAX_SHARDS = 16
 _MAX_REPLICAS = 4
@@ -65,6 +67,8 @@ class Role(StrEnum):
     CACHE = "cache"
     STORAGE = "storage"
     DIRECTORY = "directory"
+    WORKER = "worker"
+    CHAOS = "chaos"  # the TCP chaos proxy of drill topologies ([chaos]; docs/chaos.md)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,20 @@ class Topology:
     directory_replicas: int = 1
     # The app nodes' cached reads ([cache] product keys; docs/caching.md), validated.
     caching: dict[str, Any] = field(default_factory=dict)
+    # Uploads (docs/uploads.md): [workers] supervised queue workers, [queue] the queue's own
+    # storage group (one shard: a primary and ``queue_replicas`` replicas), [feed] fan-out.
+    worker_count: int = 2
+    worker_concurrency: int = 4
+    worker_visibility_timeout_s: float = 30.0
+    queue_replicas: int = 1
+    queue_max_length: int = 100_000
+    feed_fanout_limit: int = 1000
+    # Fault injection ([chaos]; docs/chaos.md): the link kinds a chaos proxy node sits on.
+    chaos_links: tuple[str, ...] = ()
+
+    @property
+    def queue_storage(self) -> StorageGroup:
+        return StorageGroup(QUEUE_GROUP, 1, self.queue_replicas)
 
     @property
     def directory_storage(self) -> StorageGroup:
@@ -135,12 +153,37 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
+class ChaosLinkSpec:
+    """A link through the chaos node: consumers of ``kind`` reach ``upstream`` on ``port``.
+
+    ``consumer`` names the one node using the link when it is not a whole tier (a replica's
+    replication link); empty otherwise.
+    """
+
+    name: str
+    kind: str
+    port: int
+    upstream: str
+    consumer: str = ""
+
+
+@dataclass(frozen=True)
 class Layout:
     """A topology placed on ports: public ports at the base, internal ones above it."""
 
     topology: Topology
     port_base: int
     nodes: tuple[NodeSpec, ...]
+    links: tuple[ChaosLinkSpec, ...] = ()  # [chaos]: links through the chaos node
+
+    def reach(self, node: NodeSpec, via: str, consumer: str = "") -> tuple[str, int]:
+        """The address a consumer of link kind ``via`` uses for ``node``: the chaos node's
+        port for it when such a link exists, else the node's own address."""
+        for link in self.links:
+            if link.kind == via and link.upstream == node.name:
+                if link.consumer in ("", consumer):
+                    return node.host, link.port
+        return node.host, node.port
 
     @property
     def api_port(self) -> int:
@@ -199,7 +242,13 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{source}: not valid TOML: {exc}") from exc
-    _only(raw, {"cluster", "edge", "web", "app", "cache", "storage", "directory"}, source)
+    _only(
+        raw,
+        {"cluster", "edge", "web", "app", "cache", "storage", "directory", *_UPLOAD_TABLES}
+        | {"chaos"},
+        source,
+    )
+    uploads = _uploads(raw, source)
     directory = _table(raw, "directory", source)
     _only(directory, {"count", "replicas"}, f"{source} [directory]")
     directory_count = _int(directory, "count", 2, f"{source} [directory]", low=1, high=_MAX_COUNT)
@@ -284,7 +333,42 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
         directory_count=directory_count,
         directory_replicas=directory_replicas,
         caching=caching,
+        **uploads,
+        chaos_links=_chaos_links(raw, source),
     )
+
+
+_UPLOAD_TABLES = ("workers", "queue", "feed")
+
+
+def _uploads(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``[workers]``, ``[queue]`` and ``[feed]`` (docs/uploads.md), validated."""
+    workers = _table(raw, "workers", source)
+    where = f"{source} [workers]"
+    _only(workers, {"count", "concurrency", "visibility_timeout_s"}, where)
+    visibility = workers.get("visibility_timeout_s", 30.0)
+    if not isinstance(visibility, int | float) or isinstance(visibility, bool) or not (
+        1 <= visibility <= 3600
+    ):
+        raise TopologyError(f"{where}: visibility_timeout_s must be a number in 1..3600")
+    queue = _table(raw, "queue", source)
+    _only(queue, {"replicas", "max_length"}, f"{source} [queue]")
+    feed = _table(raw, "feed", source)
+    _only(feed, {"fanout_limit"}, f"{source} [feed]")
+    return {
+        "worker_count": _int(workers, "count", 2, where, low=0, high=_MAX_COUNT),
+        "worker_concurrency": _int(workers, "concurrency", 4, where, low=1, high=256),
+        "worker_visibility_timeout_s": float(visibility),
+        "queue_replicas": _int(
+            queue, "replicas", 1, f"{source} [queue]", low=0, high=_MAX_REPLICAS
+        ),
+        "queue_max_length": _int(
+            queue, "max_length", 100_000, f"{source} [queue]", low=1, high=100_000_000
+        ),
+        "feed_fanout_limit": _int(
+            feed, "fanout_limit", 1000, f"{source} [feed]", low=0, high=100_000_000
+        ),
+    }
 
 
 def _edge_proxy(table: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
@@ -396,7 +480,35 @@ def layout(topology: Topology, port_base: int) -> Layout:
         NodeSpec(f"directory-{i}", Role.DIRECTORY, host, take())
         for i in range(1, topology.directory_count + 1)
     ]
-    return Layout(topology=topology, port_base=port_base, nodes=tuple(nodes))
+    # The queue's database and the workers after everything else, for the same reason.
+    queue_primary = f"{QUEUE_GROUP}-1-primary"
+    nodes.append(NodeSpec(queue_primary, Role.STORAGE, host, take(), QUEUE_GROUP, 1))
+    nodes += [
+        NodeSpec(
+            f"{QUEUE_GROUP}-1-replica-{r}",
+            Role.STORAGE,
+            host,
+            take(),
+            QUEUE_GROUP,
+            1,
+            replica_of=queue_primary,
+        )
+        for r in range(1, topology.queue_replicas + 1)
+    ]
+    nodes += [
+        NodeSpec(f"worker-{i}", Role.WORKER, host, take())
+        for i in range(1, topology.worker_count + 1)
+    ]
+    links: list[ChaosLinkSpec] = []
+    if topology.chaos_links:  # last: adding [chaos] keeps every other node's port
+        nodes.append(NodeSpec("chaos-1", Role.CHAOS, host, take()))
+        links = [
+            ChaosLinkSpec(f"{kind}.{upstream}", kind, take(), upstream, consumer)
+            for kind, upstream, consumer in _chaos_link_ends(topology.chaos_links, nodes)
+        ]
+    return Layout(
+        topology=topology, port_base=port_base, nodes=tuple(nodes), links=tuple(links)
+    )
 
 
 def _internal_port_count(topology: Topology) -> int:
@@ -411,7 +523,72 @@ def _internal_port_count(topology: Topology) -> int:
         + 1
         + topology.directory_replicas
         + topology.directory_count
+        + 1
+        + topology.queue_replicas
+        + topology.worker_count
+        + _chaos_port_count(topology)
     )
+
+
+# [chaos] links (docs/chaos.md): which consumers reach which nodes through the chaos node.
+CHAOS_LINK_KINDS = {
+    "storage": "app nodes -> every product storage node (primaries and replicas)",
+    "replication": "each product replica -> its primary (streaming and base backup)",
+    "web-app": "web nodes -> each app node",
+    "app-cache": "app nodes -> each cache node",
+}
+
+
+def _chaos_links(raw: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    """``[chaos] links = [...]`` (kinds of CHAOS_LINK_KINDS) unless ``enabled = false``."""
+    chaos = _table(raw, "chaos", source)
+    where = f"{source} [chaos]"
+    _only(chaos, {"enabled", "links"}, where)
+    enabled = chaos.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise TopologyError(f"{where}: enabled must be true or false")
+    kinds = chaos.get("links", [])
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise TopologyError(f"{where}: links must be a list of link kinds")
+    for kind in kinds:
+        if kind not in CHAOS_LINK_KINDS:
+            known = ", ".join(CHAOS_LINK_KINDS)
+            raise TopologyError(f"{where}: unknown link kind {kind!r} (known: {known})")
+    return tuple(dict.fromkeys(kinds)) if enabled else ()
+
+
+def _chaos_link_ends(kinds: tuple[str, ...], nodes: list[NodeSpec]) -> list[tuple[str, str, str]]:
+    """(kind, upstream node, consumer node or "") of every link the kinds put on the layout."""
+    product = [n for n in nodes if n.role is Role.STORAGE and n.group in PRODUCT_GROUPS]
+    ends: list[tuple[str, str, str]] = []
+    for kind in kinds:
+        if kind == "storage":
+            ends += [(kind, n.name, "") for n in product]
+        elif kind == "replication":
+            ends += [(kind, n.replica_of, n.name) for n in product if n.replica_of]
+        elif kind == "web-app":
+            ends += [(kind, n.name, "") for n in nodes if n.role is Role.APP]
+        elif kind == "app-cache":
+            ends += [(kind, n.name, "") for n in nodes if n.role is Role.CACHE]
+    # a replica's link is named after the replica (several replicas share one primary)
+    return [(k, u, c) if not c else (k, u, c) for k, u, c in ends]
+
+
+def _chaos_port_count(topology: Topology) -> int:
+    if not topology.chaos_links:
+        return 0
+    count = 1  # the chaos node's own admin port
+    storage = [(g.shards, g.replicas) for g in topology.storage]
+    for kind in topology.chaos_links:
+        if kind == "storage":
+            count += sum(shards * (1 + replicas) for shards, replicas in storage)
+        elif kind == "replication":
+            count += sum(shards * replicas for shards, replicas in storage)
+        elif kind == "web-app":
+            count += topology.app_count
+        elif kind == "app-cache":
+            count += topology.cache_count
+    return count
 
 
 _CACHING_KEYS = (

@@ -25,6 +25,7 @@ from photostack.ops._bench_queue import run_queue_suite
 from photostack.ops._bench_realtime import run_realtime_suite
 from photostack.ops._bench_report import detect_machine
 from photostack.ops._bench_ring import run_ring_suite
+from photostack.ops._bench_uploads import run_uploads_suite
 from photostack.ops.benchsuite import (
     Out,
     Suite,
@@ -56,6 +57,7 @@ SUITES: tuple[Suite, ...] = (
     Suite("proxy", "One backend direct, through nginx and through the edge", run_proxy_suite),
     Suite("queue", "Queue tasks/s enqueue->done: Postgres, RabbitMQ vs PgQueuer", run_queue_suite),
     Suite("cacheproduct", "Ring cost, DB load on cache kill, hit RR/hash", run_cache_product_suite),
+    Suite("uploads", "Upload-to-thumbnail latency p50/p99 vs Pillow in-process", run_uploads_suite),
 )
 
 

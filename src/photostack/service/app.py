@@ -62,6 +62,7 @@ from ._store import (
     UserNotFoundError,
     UserStore,
 )
+from ._uploads_app import UploadService, add_internal_upload_routes
 from .directory import (
     NO_GUARD,
     DirectoryClientConfig,
@@ -125,6 +126,7 @@ class AppNode:
         )
         self._photos: PhotoStore | None = None
         self._jobs: Jobs | None = None
+        self._uploads: UploadService | None = None  # uploads, tasks, feed (docs/uploads.md)
         self.routing: MapRouting[Pool] | None = None  # set when the directory places storage
         self._tasks: list[asyncio.Task[None]] = []
         self._pools: list[Pool] = []
@@ -155,6 +157,14 @@ class AppNode:
         return self._photos
 
     @property
+    def uploads(self) -> UploadService:
+        """Uploads, tasks and the feed; 503 while starting or draining."""
+        if self._uploads is None or not self.health.is_ready:
+            self.store  # noqa: B018 - raises the 503
+        assert self._uploads is not None
+        return self._uploads
+
+    @property
     def jobs(self) -> Jobs:
         """Cross-shard jobs and user deletion; 503 while starting or draining."""
         if self._jobs is None or not self.health.is_ready:
@@ -181,6 +191,8 @@ class AppNode:
             await asyncio.gather(*(self._close_pool(p) for p in self._pools))
             if self._events is not None:
                 await self._events.aclose()
+            if self._uploads is not None:
+                await self._uploads.aclose()
             await self.cache.aclose()
 
     async def _connect_storage(self) -> tuple[ShardRouter[Pool], OwnershipGuard]:
@@ -209,10 +221,16 @@ class AppNode:
         router, guard = await self._connect_storage()
         self._events = event_store_for(self.settings, router)
         self._store = UserStore(router, self._events)
+        invalidate = self.cache.invalidate  # writes outside the cached paths drop their keys
         self._photos = PhotoStore(
-            router, static_base_url=self.settings.static_base_url, guard=guard
+            router,
+            static_base_url=self.settings.static_base_url,
+            guard=guard,
+            invalidate=invalidate,
         )
-        self._jobs = Jobs(router, guard=guard)
+        self._jobs = Jobs(router, guard=guard, invalidate=invalidate)
+        self._uploads = UploadService.for_app(self.settings, router, self._photos, self._events)
+        self._uploads.start()  # connects to the queue database in the background
         await self.cache.start()  # subscribed to invalidations before serving reads
         self.health.to(HealthState.READY)
         self._ready.set()
@@ -301,6 +319,8 @@ def create_app(settings: AppSettings) -> FastAPI:
     _add_user_routes(app, node)
     _add_follow_routes(app, node)
     add_internal_event_routes(app, lambda: node.events)
+    # before the photo routes: its DELETE extends theirs with the cleanup task
+    add_internal_upload_routes(app, lambda: node.uploads, lambda: node.events)
     add_internal_photo_routes(app, lambda: node.photos)
     add_internal_job_routes(app, lambda: node.jobs)
     return app

@@ -271,7 +271,6 @@ _MORE_INDEX_QUERIES: dict[str, tuple[str, ...]] = {
     "job_state_pkey": (
         "INSERT INTO job_state (job, state) VALUES ($1, $2::jsonb) "
         "ON CONFLICT (job) DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
-        "SELECT state::text AS state FROM job_state WHERE job = $1",
     ),
     "event_seqs_pkey": ("DELETE FROM event_seqs WHERE user_id = $1",),
     "following_pkey": (
@@ -299,6 +298,8 @@ _MORE_INDEX_QUERIES: dict[str, tuple[str, ...]] = {
         "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key",
         # a shard's newest ownership version: at most L rows, read only on a wrong-shard answer
         "SELECT coalesce(max(map_version), 0) FROM shard_ownership",
+        # one row per job (three): a sequential scan of one page is the right plan
+        "SELECT state::text AS state FROM job_state WHERE job = $1",
         "SELECT pg_try_advisory_lock($1)",  # job leases: no table
         "SELECT pg_advisory_unlock($1)",
     ),

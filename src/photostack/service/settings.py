@@ -47,6 +47,9 @@ class WebSettings:
     events_send_timeout_s: float = 30.0  # a write blocked longer: slow consumer, cut off
     events_resync_s: float = 30.0  # re-read the log this often (1 s without cache nodes)
     events_reconnect_ms: int = 1000  # the SSE retry: hint
+    # Uploads (docs/uploads.md): the file part's limit; the media store (media_store_from).
+    upload_max_bytes: int = 10 * 1024 * 1024
+    media: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -62,6 +65,8 @@ class WebSettings:
             app_timeout_s=raw["app_timeout_s"],
             cache_nodes=tuple(Peer(**p) for p in raw.get("cache_nodes", ())),
             **{k: raw[k] for k in _WEB_EVENT_FIELDS if k in raw},
+            upload_max_bytes=raw.get("upload_max_bytes", 10 * 1024 * 1024),
+            media=raw.get("media", {}),
         )
 
 
@@ -91,6 +96,12 @@ class AppSettings:
     # Cached reads (docs/caching.md): the topology's [cache] product keys, parsed by
     # service._caching.CachingConfig.from_dict ({} = the defaults).
     caching: dict[str, Any] = field(default_factory=dict)
+    # The task queue's own database (docs/uploads.md; "" = no uploads: 503) and the feed's
+    # FeedConfig keys (fanout_limit, max_items...; {} = the defaults).
+    queue_dsn: str = ""
+    queue_name: str = "media"
+    queue_max_length: int = 100_000
+    feed: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -115,6 +126,7 @@ class AppSettings:
             directory_nodes=tuple(Peer(**p) for p in raw.get("directory_nodes", ())),
             **{k: raw[k] for k in _APP_DIRECTORY_FIELDS if k in raw},
             caching=raw.get("caching", {}),
+            **{k: raw[k] for k in _APP_UPLOAD_FIELDS if k in raw},
         )
 
 
@@ -132,4 +144,5 @@ _APP_EVENT_FIELDS = (
     "events_hot_count",
     "events_trim_interval_s",
 )
+_APP_UPLOAD_FIELDS = ("queue_dsn", "queue_name", "queue_max_length", "feed")
 _APP_DIRECTORY_FIELDS = ("directory_poll_s", "static_base_url", "jobs_enabled")

@@ -44,6 +44,8 @@ from ._http import (
 )
 from ._photos_web import add_photo_routes
 from ._tokens import InvalidTokenError, TokenSigner
+from ._uploads import media_store_from
+from ._uploads_web import add_upload_routes
 from .settings import WebSettings
 
 __all__ = ["AppClient", "AppReply", "AppResponse", "create_app"]
@@ -176,6 +178,7 @@ def create_app(
     Raises OSError when the token secret cannot be read, ValueError when it is too short.
     """
     node = WebNode(settings, app_client, unavailable_errors)
+    media = media_store_from(settings.media)  # the origins uploads are stored on
     events = WebEvents(settings, app_client, unavailable_errors, node.registry)
 
     async def drain() -> None:
@@ -194,6 +197,8 @@ def create_app(
         finally:
             node.health.to(HealthState.DRAINING)
             await events.aclose()
+            if media is not None:
+                await media.aclose()
             if on_shutdown is not None:
                 await on_shutdown()
 
@@ -221,6 +226,7 @@ def create_app(
     _add_follow_routes(app, node)
     add_event_routes(app, node.signer, events)
     add_photo_routes(app, node)
+    add_upload_routes(app, node, media, settings.upload_max_bytes)
     return app
 
 
