@@ -94,6 +94,27 @@ def status(data_dir: Path, port_base: int | None, as_json: bool) -> None:
     console = Console(width=max(140, shutil.get_terminal_size().columns))
     console.print(table)
     console.print(" ".join(f"{k}={v}" for k, v in cluster["urls"].items()))
+    from photostack.ops._replication_status import print_replication
+
+    print_replication(console, data_dir, port_base)
+
+
+@cli.command()
+@click.argument("shard")
+@_data_dir_option
+@_port_base_option
+def failover(shard: str, data_dir: Path, port_base: int | None) -> None:
+    """Planned switchover of SHARD (e.g. users-1): no write lost, old primary rejoins."""
+    done = _control(
+        data_dir,
+        port_base,
+        lambda c: c.request("POST", f"/v1/failover/{shard}"),
+        timeout_s=40.0,
+    )
+    click.echo(
+        f"failover: {done['shard']} primary {done['from_node']} -> {done['to_node']} "
+        f"(epoch {done['epoch']}, map version {done['map_version']})"
+    )
 
 
 def _figures_text(figures: dict[str, Any]) -> str:
@@ -240,6 +261,44 @@ def _run_sidecar(host: str, port: int, backends: tuple[Any, ...], config: Any) -
         return 0
 
     return uvloop.run(run())
+
+
+@cli.command()
+@click.argument("scenario")
+@_data_dir_option
+@_port_base_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--warmup-s", type=click.FloatRange(0.5, 60), default=3.0, show_default=True,
+    help="Load before each fault.",
+)  # fmt: skip
+@click.option(
+    "--deadline-s", type=click.FloatRange(5, 600), default=90.0, show_default=True,
+    help="How long a fault's effects may last before the scenario fails.",
+)  # fmt: skip
+def drill(  # noqa: PLR0917 - one parameter per flag, as click passes them
+    scenario: str,
+    data_dir: Path,
+    port_base: int | None,
+    as_json: bool,
+    warmup_s: float,
+    deadline_s: float,
+) -> None:
+    """Run failure SCENARIO (or `all`) on the running cluster under load: expected vs observed.
+
+    Scenarios: web-node, app-node, cache-node, workers, latency (docs/chaos.md). Exit code 1
+    when an expectation failed, 3 when the scenario asked for cannot run on this cluster.
+    """
+    from photostack.ops.client import ControlError, find_control_url
+    from photostack.ops.drill import DrillOptions, run_drill
+
+    try:
+        url = find_control_url(data_dir, port_base)
+    except ControlError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    options = DrillOptions(warmup_s=warmup_s, recover_deadline_s=deadline_s)
+    sys.exit(run_drill(scenario, url, options, click.echo, as_json=as_json))
 
 
 @cli.group()

@@ -150,7 +150,71 @@ def _run_directory(spec: dict[str, Any]) -> None:
     _serve_asgi(create_directory_app(settings), spec["host"], spec["port"])
 
 
-_ROLES = {"edge": _run_edge, "web": _run_web, "app": _run_app, "directory": _run_directory}
+def _run_chaos(spec: dict[str, Any]) -> None:
+    from photostack.blocks.chaos import ChaosProxy, LinkConfig, create_chaos_app
+
+    links = [LinkConfig(**link) for link in spec["settings"]["links"]]
+    _serve_asgi(create_chaos_app(ChaosProxy(links)), spec["host"], spec["port"])
+
+
+async def _until_signalled(server: Any) -> None:
+    """Start ``server``, serve until SIGINT/SIGTERM, then drain and close it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.aclose()
+
+
+def _run_media(spec: dict[str, Any]) -> None:
+    """A media origin (docs/media.md), on the default event loop: its loop.sendfile is
+    os.sendfile (uvloop has none)."""
+    from photostack.blocks.media import OriginConfig, OriginServer
+
+    raw = spec["settings"]
+    config = OriginConfig(
+        name=spec["name"],
+        root=Path(raw["root"]),
+        host=spec["host"],
+        port=spec["port"],
+        max_object_bytes=int(raw.get("max_object_bytes", 64 * 1024 * 1024)),
+    )
+    asyncio.run(_until_signalled(OriginServer(config)))
+
+
+def _run_cdn(spec: dict[str, Any]) -> None:
+    """The CDN edge on the static port, its purge listener on an internal one (docs/media.md)."""
+    import uvloop
+
+    from photostack.blocks.media import CdnConfig, CdnServer, Origin
+
+    raw = spec["settings"]
+    config = CdnConfig(
+        origins=tuple(Origin(o["name"], o["host"], o["port"]) for o in raw["origins"]),
+        name=spec["name"],
+        host=spec["host"],
+        port=spec["port"],
+        purge_port=raw.get("purge_port"),
+        cache_bytes=int(raw["cache_bytes"]),
+        max_entry_bytes=int(raw["max_entry_bytes"]),
+        max_object_bytes=int(raw["max_object_bytes"]),
+    )
+    uvloop.run(_until_signalled(CdnServer(config)))
+
+
+_ROLES = {
+    "edge": _run_edge,
+    "web": _run_web,
+    "app": _run_app,
+    "directory": _run_directory,
+    "chaos": _run_chaos,  # the TCP chaos proxy of drill topologies (docs/chaos.md)
+    "media": _run_media,  # a media origin (docs/media.md)
+    "cdn": _run_cdn,  # the static host's caching proxy (docs/media.md)
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,9 @@
 - ``DELETE /v1/users/{id}`` -> an app node's ``DELETE /internal/v1/users/{id}`` (no public route
   deletes a user; API.md has none)
 - ``GET    /v1/directory/map`` -> a directory node's ``GET /v1/map``
+- ``GET    /v1/chaos/links[/{name}]``, ``POST /v1/chaos/links/{name}/toxics``,
+  ``DELETE /v1/chaos/links/{name}/toxics[/{id}]`` -> the chaos node's ``/v1/links...``
+  (docs/chaos.md); 404 ``chaos_disabled`` when the topology has no ``[chaos]`` links
 
 Each tries the ready nodes of the role in turn and relays the first answer (status and body).
 """
@@ -70,4 +73,41 @@ def ops_routes(supervisor: Supervisor) -> list[Route]:
         Route("/v1/jobs/{name}/run", run_job, methods=["POST"]),
         Route("/v1/users/{user_id}", delete_user, methods=["DELETE"]),
         Route("/v1/directory/map", directory_map),
+        *_chaos_routes(supervisor),
+    ]
+
+
+def _chaos_routes(supervisor: Supervisor) -> list[Route]:
+    """The chaos node's admin API under ``/v1/chaos``, relayed with bodies and status codes."""
+
+    async def relay(request: Request) -> Response:
+        nodes = [n for n in supervisor.nodes.values() if n.spec.role is Role.CHAOS]
+        if not nodes:
+            message = "this topology has no [chaos] links (see docs/chaos.md)"
+            return _JSON({"error": {"code": "chaos_disabled", "message": message}}, 404)
+        node = nodes[0]
+        if node.lifecycle.state is not NodeState.READY:
+            message = f"{node.name} is {node.lifecycle.state}"
+            return _JSON({"error": {"code": "unavailable", "message": message}}, 503)
+        path = request.url.path.removeprefix("/v1/chaos")
+        try:
+            async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+                answer = await client.request(
+                    request.method,
+                    f"http://{node.spec.address}/v1{path}",
+                    content=await request.body(),
+                    headers={"content-type": "application/json"},
+                )
+        except httpx.HTTPError as exc:
+            message = f"{node.name}: {type(exc).__name__}"
+            return _JSON({"error": {"code": "unavailable", "message": message}}, 503)
+        if answer.status_code == 204:
+            return Response(status_code=204)
+        return _JSON(answer.json(), status_code=answer.status_code)
+
+    return [
+        Route("/v1/chaos/links", relay),
+        Route("/v1/chaos/links/{name}", relay),
+        Route("/v1/chaos/links/{name}/toxics", relay, methods=["POST", "DELETE"]),
+        Route("/v1/chaos/links/{name}/toxics/{toxic_id}", relay, methods=["DELETE"]),
     ]

@@ -51,6 +51,9 @@ class SupervisorConfig:
             Role.WEB: 45.0,
             Role.EDGE: 30.0,
             Role.WORKER: 45.0,
+            Role.CHAOS: 20.0,
+            Role.MEDIA: 20.0,
+            Role.CDN: 20.0,
         }
     )
     probe_interval_s: float = 1.0
@@ -125,6 +128,11 @@ class Supervisor:
         self._log_files: dict[str, IO[bytes]] = {}
         # Called (as a task) each time a node becomes READY: membership re-joins drained nodes.
         self.on_ready: ReadyHook | None = None
+        # Awaited before a node is (re)started: after a failover a storage node learns here that
+        # it comes back as a replica (cluster/_roles.py; docs/replication.md).
+        self.before_launch: ReadyHook | None = None
+        # Long-running tasks started with the health loop (the role keeper's reconciliation).
+        self.watchers: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     def add_node(self, node: ManagedNode, *, like: str) -> None:
         """Supervise a node created at run time; it starts and stops in ``like``'s phase."""
@@ -153,6 +161,8 @@ class Supervisor:
                 raise result
 
     async def _launch(self, node: ManagedNode, *, fatal: bool) -> None:
+        if self.before_launch is not None and not fatal:
+            await self.before_launch(node)
         async with node.lock:
             if self._shutting_down:
                 return
@@ -252,6 +262,8 @@ class Supervisor:
 
     async def watch_health(self) -> None:
         """Probe every running node forever; flip READY <-> UNHEALTHY."""
+        for watcher in self.watchers:
+            self._track(watcher())
         while not self._shutting_down:
             await asyncio.gather(*(self._probe(n) for n in self.nodes.values()))
             await asyncio.sleep(self.config.probe_interval_s)

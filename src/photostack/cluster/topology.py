@@ -20,6 +20,8 @@ from photostack.blocks.cache import PolicyName, UnknownPolicyError, parse_policy
 
 __all__ = [
     "CACHE_ENGINES",
+    "CDN_ENGINES",
+    "CHAOS_LINK_KINDS",
     "CONTROL_PORT_OFFSET",
     "DIRECTORY_GROUP",
     "EDGE_ENGINES",
@@ -28,6 +30,7 @@ __all__ = [
     "QUEUE_GROUP",
     "STATIC_PORT_OFFSET",
     "TLS_PORT_OFFSET",
+    "ChaosLinkSpec",
     "Layout",
     "NodeSpec",
     "Role",
@@ -69,6 +72,8 @@ class Role(StrEnum):
     DIRECTORY = "directory"
     WORKER = "worker"
     CHAOS = "chaos"  # the TCP chaos proxy of drill topologies ([chaos]; docs/chaos.md)
+    MEDIA = "media"  # content-addressed media origins ([media]; docs/media.md)
+    CDN = "cdn"  # the static host: caching proxy in front of the origins ([cdn]; docs/media.md)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,11 @@ class StorageGroup:
     name: str
     shards: int
     replicas: int
+    # Replication and the CAP choice (docs/replication.md): async | sync | remote_apply;
+    # cp | ap; replicas serve reads while their lag is within max_replica_lag_s (0: never).
+    replication: str = "async"
+    consistency: str = "cp"
+    max_replica_lag_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,13 @@ class Topology:
     feed_fanout_limit: int = 1000
     # Fault injection ([chaos]; docs/chaos.md): the link kinds a chaos proxy node sits on.
     chaos_links: tuple[str, ...] = ()
+    # Media (docs/media.md): [media] origins, every upload written to all of them; [cdn] the
+    # static host's caching proxy (engine photostack or nginx), its cache bounded in bytes.
+    media_count: int = 2
+    media_max_object_bytes: int = 64 * 1024 * 1024
+    cdn_engine: str = "photostack"
+    cdn_cache_bytes: int = 256 * 1024 * 1024
+    cdn_max_entry_bytes: int = 16 * 1024 * 1024
 
     @property
     def queue_storage(self) -> StorageGroup:
@@ -142,6 +159,7 @@ class NodeSpec:
     group: str | None = None
     shard: int | None = None
     replica_of: str | None = None
+    admin_port: int | None = None  # a second, internal listener (the CDN's purge port)
 
     @property
     def address(self) -> str:
@@ -180,9 +198,9 @@ class Layout:
         """The address a consumer of link kind ``via`` uses for ``node``: the chaos node's
         port for it when such a link exists, else the node's own address."""
         for link in self.links:
-            if link.kind == via and link.upstream == node.name:
-                if link.consumer in ("", consumer):
-                    return node.host, link.port
+            ours = link.consumer in ("", consumer)
+            if link.kind == via and link.upstream == node.name and ours:
+                return node.host, link.port
         return node.host, node.port
 
     @property
@@ -245,7 +263,7 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
     _only(
         raw,
         {"cluster", "edge", "web", "app", "cache", "storage", "directory", *_UPLOAD_TABLES}
-        | {"chaos"},
+        | {"chaos", "media", "cdn"},
         source,
     )
     uploads = _uploads(raw, source)
@@ -306,12 +324,13 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
             )
         if not isinstance(value, dict):
             raise TopologyError(f"{where}: must be a table")
-        _only(value, {"shards", "replicas"}, where)
+        _only(value, {"shards", "replicas", *_REPLICATION_KEYS}, where)
         groups.append(
             StorageGroup(
                 name=group_name,
                 shards=_int(value, "shards", 1, where, low=1, high=_MAX_SHARDS),
                 replicas=_int(value, "replicas", 1, where, low=0, high=_MAX_REPLICAS),
+                **_replication(value, where),
             )
         )
     groups.sort(key=lambda g: PRODUCT_GROUPS.index(g.name))
@@ -335,6 +354,7 @@ def parse_topology(text: str, *, source: str = "topology") -> Topology:
         caching=caching,
         **uploads,
         chaos_links=_chaos_links(raw, source),
+        **_media_cdn(raw, source),
     )
 
 
@@ -499,16 +519,21 @@ def layout(topology: Topology, port_base: int) -> Layout:
         NodeSpec(f"worker-{i}", Role.WORKER, host, take())
         for i in range(1, topology.worker_count + 1)
     ]
+    # Media origins, then the CDN on the static port with its internal purge listener.
+    nodes += [
+        NodeSpec(f"media-{i}", Role.MEDIA, host, take()) for i in range(1, topology.media_count + 1)
+    ]
+    nodes.append(
+        NodeSpec("cdn-1", Role.CDN, host, port_base + STATIC_PORT_OFFSET, admin_port=take())
+    )
     links: list[ChaosLinkSpec] = []
     if topology.chaos_links:  # last: adding [chaos] keeps every other node's port
         nodes.append(NodeSpec("chaos-1", Role.CHAOS, host, take()))
         links = [
-            ChaosLinkSpec(f"{kind}.{upstream}", kind, take(), upstream, consumer)
+            ChaosLinkSpec(f"{kind}.{consumer or upstream}", kind, take(), upstream, consumer)
             for kind, upstream, consumer in _chaos_link_ends(topology.chaos_links, nodes)
         ]
-    return Layout(
-        topology=topology, port_base=port_base, nodes=tuple(nodes), links=tuple(links)
-    )
+    return Layout(topology=topology, port_base=port_base, nodes=tuple(nodes), links=tuple(links))
 
 
 def _internal_port_count(topology: Topology) -> int:
@@ -526,6 +551,8 @@ def _internal_port_count(topology: Topology) -> int:
         + 1
         + topology.queue_replicas
         + topology.worker_count
+        + topology.media_count
+        + 1  # the CDN's purge listener
         + _chaos_port_count(topology)
     )
 
@@ -558,20 +585,21 @@ def _chaos_links(raw: Mapping[str, Any], source: str) -> tuple[str, ...]:
 
 
 def _chaos_link_ends(kinds: tuple[str, ...], nodes: list[NodeSpec]) -> list[tuple[str, str, str]]:
-    """(kind, upstream node, consumer node or "") of every link the kinds put on the layout."""
+    """(kind, upstream node, consumer node or "") of every link the kinds put on the layout.
+
+    A replica's link is named after the replica (several replicas share one primary)."""
     product = [n for n in nodes if n.role is Role.STORAGE and n.group in PRODUCT_GROUPS]
     ends: list[tuple[str, str, str]] = []
     for kind in kinds:
         if kind == "storage":
             ends += [(kind, n.name, "") for n in product]
         elif kind == "replication":
-            ends += [(kind, n.replica_of, n.name) for n in product if n.replica_of]
+            ends += [(kind, n.replica_of, n.name) for n in product if n.replica_of is not None]
         elif kind == "web-app":
             ends += [(kind, n.name, "") for n in nodes if n.role is Role.APP]
         elif kind == "app-cache":
             ends += [(kind, n.name, "") for n in nodes if n.role is Role.CACHE]
-    # a replica's link is named after the replica (several replicas share one primary)
-    return [(k, u, c) if not c else (k, u, c) for k, u, c in ends]
+    return ends
 
 
 def _chaos_port_count(topology: Topology) -> int:
@@ -632,6 +660,55 @@ def _cache_bounds(
     if "maxmemory_bytes" in cache:
         memory = _int(cache, "maxmemory_bytes", 0, where, low=1, high=_MAX_CACHE_BYTES)
     return policy, memory
+
+
+_REPLICATION_KEYS = ("replication", "consistency", "max_replica_lag_s")
+CDN_ENGINES = ("photostack", "nginx")
+_MAX_MEDIA_BYTES = 1 << 34
+
+
+def _media_cdn(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``[media]`` and ``[cdn]`` (docs/media.md), validated."""
+    media = _table(raw, "media", source)
+    where = f"{source} [media]"
+    _only(media, {"count", "max_object_bytes"}, where)
+    cdn = _table(raw, "cdn", source)
+    cdn_where = f"{source} [cdn]"
+    _only(cdn, {"count", "engine", "cache_bytes", "max_entry_bytes"}, cdn_where)
+    _int(cdn, "count", 1, cdn_where, low=1, high=1)  # one static host
+    engine = _str(cdn, "engine", "photostack", cdn_where)
+    if engine not in CDN_ENGINES:
+        raise TopologyError(f"{cdn_where}: engine must be one of {', '.join(CDN_ENGINES)}")
+    cache_bytes = _int(
+        cdn, "cache_bytes", 256 * 1024 * 1024, cdn_where, low=1 << 20, high=_MAX_CACHE_BYTES
+    )
+    default_entry = min(16 * 1024 * 1024, cache_bytes)
+    max_entry = _int(cdn, "max_entry_bytes", default_entry, cdn_where, low=1024, high=cache_bytes)
+    return {
+        "media_count": _int(media, "count", 2, where, low=1, high=_MAX_COUNT),
+        "media_max_object_bytes": _int(
+            media, "max_object_bytes", 64 * 1024 * 1024, where, low=1024, high=_MAX_MEDIA_BYTES
+        ),
+        "cdn_engine": engine,
+        "cdn_cache_bytes": cache_bytes,
+        "cdn_max_entry_bytes": max_entry,
+    }
+
+
+def _replication(value: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``replication``, ``consistency`` and ``max_replica_lag_s`` of a storage group."""
+    mode = _str(value, "replication", "async", where)
+    if mode not in ("async", "sync", "remote_apply"):
+        raise TopologyError(f"{where}: replication must be async, sync or remote_apply")
+    if mode != "async" and value.get("replicas", 1) == 0:
+        raise TopologyError(f"{where}: replication = {mode!r} needs replicas >= 1")
+    consistency = _str(value, "consistency", "cp", where)
+    if consistency not in ("cp", "ap"):
+        raise TopologyError(f"{where}: consistency must be cp or ap")
+    lag = value.get("max_replica_lag_s", 0.0)
+    if not isinstance(lag, int | float) or isinstance(lag, bool) or not 0 <= lag <= 3600:
+        raise TopologyError(f"{where}: max_replica_lag_s must be a number in 0..3600")
+    return {"replication": mode, "consistency": consistency, "max_replica_lag_s": float(lag)}
 
 
 def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:

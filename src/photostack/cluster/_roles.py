@@ -1,0 +1,205 @@
+"""The supervisor's side of failover: never fight the coordinator.
+
+The coordinator (in the directory nodes) decides which node of a shard is primary; the shard map
+says so. The supervisor only starts processes, so :class:`RoleKeeper` makes it follow the map:
+
+- before a storage node is restarted (crash, ``start``), it reads the map: a node the map lists
+  as a replica is started as one — its PGDATA, if it is a primary's, is rejoined with pg_rewind
+  or rebuilt with a fresh base backup (``PostgresEngine.follow``), so an old primary never comes
+  back as a primary. A crashed primary of a replicated shard is held back while the coordinator
+  fails it over (up to ``hold_s``; at once when the coordinator says it will not);
+- every second it reconciles running nodes: a node running as a primary that the map demoted
+  (a planned switchover, a healed partition) is stopped and rejoined as a replica;
+- control routes: ``POST /v1/failover/{shard}`` (``photostack failover SHARD``) and
+  ``GET /v1/replication`` (the leader coordinator's view, for ``photostack status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from photostack.cluster.engines import PostgresEngine
+from photostack.cluster.state import NodeState
+from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
+from photostack.cluster.topology import PRODUCT_GROUPS, Role
+
+__all__ = ["RoleKeeper", "desired_role", "replication_routes"]
+
+log = logging.getLogger("photostack.roles")
+
+_TIMEOUT_S = 1.0
+_FAILOVER_TIMEOUT_S = 30.0
+
+
+class _JSON(JSONResponse):
+    media_type = "application/json; charset=utf-8"
+
+
+def desired_role(shard_map: dict[str, Any], name: str) -> tuple[str, str, str, int] | None:
+    """``(role, primary name, shard name, replica count)`` of node ``name`` in a map's JSON
+    (role ``primary`` or ``replica``), or None when the map does not list it."""
+    for group, body in shard_map.get("groups", {}).items():
+        for shard in body.get("shards", ()):
+            primary = shard["primary"]["name"]
+            replicas = [r["name"] for r in shard.get("replicas", ())]
+            key = f"{group}-{int(shard['index']) + 1}"
+            if name == primary:
+                return "primary", primary, key, len(replicas)
+            if name in replicas:
+                return "replica", primary, key, len(replicas)
+    return None
+
+
+class RoleKeeper:
+    def __init__(
+        self, supervisor: Supervisor, is_ready: Callable[[], bool], *, hold_s: float = 15.0
+    ) -> None:
+        self.supervisor = supervisor
+        self.is_ready = is_ready
+        self.hold_s = hold_s
+        self.rejoins = 0
+
+    async def _ask(self, method: str, path: str, timeout_s: float = _TIMEOUT_S) -> Any:
+        """The first ready directory node's JSON answer (any status), or None."""
+        nodes = [
+            n
+            for n in self.supervisor.nodes.values()
+            if n.spec.role is Role.DIRECTORY and n.lifecycle.state is NodeState.READY
+        ]
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            for node in nodes:
+                try:
+                    answer = await client.request(method, f"http://{node.spec.address}{path}")
+                    body = answer.json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                if answer.status_code == 200 or method != "GET":
+                    return {"status": answer.status_code, "body": body}
+        return None
+
+    def _storage(self, node: ManagedNode) -> PostgresEngine | None:
+        engine = node.engine
+        if node.spec.role is not Role.STORAGE or node.spec.group not in PRODUCT_GROUPS:
+            return None
+        return engine if isinstance(engine, PostgresEngine) else None
+
+    def _follow(self, engine: PostgresEngine, primary: str) -> bool:
+        """Point ``engine`` at ``primary``; True when its PGDATA must be rejoined."""
+        target = self.supervisor.nodes.get(primary)
+        if target is None:
+            return False
+        address = (target.spec.host, target.spec.port)
+        if engine.config.primary != address or not engine.standby_on_disk:
+            engine.follow(*address)
+        return not engine.standby_on_disk
+
+    async def before_launch(self, node: ManagedNode) -> None:
+        """Make a restarting storage node take the role the map gives it (see the module)."""
+        engine = self._storage(node)
+        if engine is None or not self.is_ready():
+            return
+        deadline = time.monotonic() + self.hold_s
+        while True:
+            answer = await self._ask("GET", "/v1/map")
+            wanted = desired_role(answer["body"], node.name) if answer else None
+            if wanted is None:
+                return
+            role, primary, shard, replicas = wanted
+            if role == "replica":
+                if self._follow(engine, primary):
+                    self.rejoins += 1
+                    log.warning("%s rejoins %s as a replica of %s", node.name, shard, primary)
+                return
+            if replicas == 0 or engine.standby_on_disk or time.monotonic() > deadline:
+                return
+            state = await self._ask("GET", "/v1/coordinator")
+            phase = (state or {}).get("body", {}).get("shards", {}).get(shard, {}).get("phase")
+            if state is None or phase == "no_candidate":
+                return
+            await asyncio.sleep(0.2)  # the coordinator is failing the shard over
+
+    async def reconcile_once(self) -> list[str]:
+        """Rejoin every running node the map demoted; the names rejoined."""
+        answer = await self._ask("GET", "/v1/map")
+        if answer is None:
+            return []
+        done = []
+        for node in list(self.supervisor.nodes.values()):
+            engine = self._storage(node)
+            if engine is None or node.lifecycle.state is not NodeState.READY:
+                continue
+            wanted = desired_role(answer["body"], node.name)
+            if wanted is None or wanted[0] != "replica":
+                continue
+            if not self._follow(engine, wanted[1]):
+                continue
+            log.warning("%s runs as a primary but the map says replica: rejoining", node.name)
+            with contextlib.suppress(CommandRefused):
+                await self.supervisor.stop(node.name)
+                self.rejoins += 1
+                await self.supervisor.start(node.name)
+                done.append(node.name)
+        return done
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.is_ready():
+                try:
+                    await self.reconcile_once()
+                except Exception:
+                    log.exception("role reconciliation failed")
+
+
+def replication_routes(keeper: RoleKeeper) -> list[Route]:
+    async def failover(request: Request) -> Response:
+        shard = request.path_params["shard"]
+        answer = await keeper._ask(
+            "POST", f"/v1/coordinator/failover/{shard}", _FAILOVER_TIMEOUT_S
+        )
+        if answer is None:
+            return _JSON(
+                {"error": {"code": "unavailable", "message": "no directory node answered"}},
+                status_code=503,
+            )
+        if answer["status"] == 200:
+            with contextlib.suppress(Exception):
+                answer["body"]["rejoined"] = await keeper.reconcile_once()
+        return _JSON(answer["body"], status_code=answer["status"])
+
+    async def replication(request: Request) -> Response:
+        views = []
+        nodes = [
+            n
+            for n in keeper.supervisor.nodes.values()
+            if n.spec.role is Role.DIRECTORY and n.lifecycle.state is NodeState.READY
+        ]
+        async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+            for node in nodes:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    answer = await client.get(f"http://{node.spec.address}/v1/coordinator")
+                    if answer.status_code == 200:
+                        views.append(answer.json())
+        leader = next((v for v in views if v.get("leader")), views[0] if views else None)
+        if leader is None:
+            return _JSON(
+                {"error": {"code": "unavailable", "message": "no coordinator answered"}},
+                status_code=503,
+            )
+        leader["rejoins"] = keeper.rejoins
+        return _JSON(leader)
+
+    return [
+        Route("/v1/failover/{shard}", failover, methods=["POST"]),
+        Route("/v1/replication", replication),
+    ]
