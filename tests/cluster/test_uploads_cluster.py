@@ -153,9 +153,13 @@ def test_upload_through_the_edge_reaches_a_followers_feed(cluster: RunningCluste
         _wait_succeeded(api, alice, [done["result"]["fanout_task"]])
         photo = api.get(f"/v1/photos/{made['photo']['id']}").json()
         assert photo["status"] == "ready"
-        thumb = photo["urls"]["thumbnail"].rsplit("/", 1)[1]
-        for origin in ("origin-1", "origin-2"):
-            assert (cluster.data_dir / "media" / origin / thumb).is_file()
+        # both files are served by the CDN edge on the static host, from the media origins
+        for url in (photo["urls"]["thumbnail"], photo["urls"]["original"]):
+            first, again = httpx.get(url, timeout=30.0), httpx.get(url, timeout=30.0)
+            assert first.status_code == 200
+            assert first.headers["content-type"] == "image/jpeg"
+            assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT")
+            assert again.content == first.content
         feed = api.get("/v1/feed", headers=_auth(bob)).json()
         assert [p["id"] for p in feed["items"]] == [made["photo"]["id"]]
 

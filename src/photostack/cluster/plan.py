@@ -35,7 +35,14 @@ from photostack.cluster.engines.base import Engine, ProcessSpec
 from photostack.cluster.nodes import NodeProcessConfig, PhotostackNodeEngine
 from photostack.cluster.state import NodeLifecycle
 from photostack.cluster.supervisor import ManagedNode
-from photostack.cluster.topology import DIRECTORY_GROUP, QUEUE_GROUP, Layout, NodeSpec, Role
+from photostack.cluster.topology import (
+    DIRECTORY_GROUP,
+    PRODUCT_GROUPS,
+    QUEUE_GROUP,
+    Layout,
+    NodeSpec,
+    Role,
+)
 from photostack.service.directory import (
     ClusterMap,
     DirectorySettings,
@@ -54,6 +61,7 @@ __all__ = [
     "build",
     "directory_map",
     "directory_settings",
+    "replication_policies",
     "shard_dsns",
 ]
 
@@ -77,8 +85,8 @@ def shard_dsns(lay: Layout) -> dict[str, tuple[ShardDsns, ...]]:
             shards.append(
                 ShardDsns(
                     index=index,
-                    primary=postgres_dsn(primary.host, primary.port, DATABASE),
-                    replicas=tuple(postgres_dsn(r.host, r.port, DATABASE) for r in replicas),
+                    primary=_storage_dsn(lay, primary),
+                    replicas=tuple(_storage_dsn(lay, r) for r in replicas),
                 )
             )
         groups[group.name] = tuple(shards)
@@ -95,13 +103,17 @@ def directory_map(lay: Layout) -> ClusterMap:
             groups[group.name].append(
                 PhysicalShard(
                     index - 1,
-                    Endpoint(primary.name, postgres_dsn(primary.host, primary.port, DATABASE)),
-                    tuple(
-                        Endpoint(r.name, postgres_dsn(r.host, r.port, DATABASE)) for r in replicas
-                    ),
+                    Endpoint(primary.name, _storage_dsn(lay, primary)),
+                    tuple(Endpoint(r.name, _storage_dsn(lay, r)) for r in replicas),
                 )
             )
     return initial_map(groups)
+
+
+def _storage_dsn(lay: Layout, node: NodeSpec) -> str:
+    """How app nodes reach a storage node: directly, or through a [chaos] storage link."""
+    host, port = lay.reach(node, "storage")
+    return postgres_dsn(host, port, DATABASE)
 
 
 def directory_settings(lay: Layout, name: str) -> DirectorySettings:
@@ -111,7 +123,42 @@ def directory_settings(lay: Layout, name: str) -> DirectorySettings:
         primary_dsn=postgres_dsn(primary.host, primary.port, DATABASE),
         replica_dsns=tuple(postgres_dsn(r.host, r.port, DATABASE) for r in replicas),
         initial_map=directory_map(lay).to_json(),
+        replication=replication_policies(lay),  # the failover coordinator's per-group rules
+        observers=tuple(n.name for n in lay.by_role(Role.DIRECTORY)),
     )
+
+
+def replication_policies(lay: Layout) -> dict[str, dict[str, object]]:
+    """Per product group: replication mode, CAP choice, replica read bound (docs/replication.md)."""
+    return {
+        g.name: {
+            "replication": g.replication,
+            "consistency": g.consistency,
+            "max_replica_lag_s": g.max_replica_lag_s,
+        }
+        for g in lay.topology.storage
+    }
+
+
+def _sync_standbys(lay: Layout, node: NodeSpec) -> str:
+    """``synchronous_standby_names`` of a storage node: its shard's other members for a
+    synchronous group (the same list on every member, so it stays right after a failover)."""
+    from photostack.blocks.storage import ReplicationMode, synchronous_standby_names
+
+    if node.group is None or node.shard is None or node.group not in PRODUCT_GROUPS:
+        return ""
+    mode = ReplicationMode(lay.topology.group(node.group).replication)
+    primary, replicas = lay.shard_nodes(node.group, node.shard)
+    return synchronous_standby_names(mode, [r.name for r in replicas] + [primary.name])
+
+
+def _replication_settings(lay: Layout, node: NodeSpec) -> dict[str, str]:
+    """What pg_rewind (wal_log_hints) and fast failure detection need; remote_apply groups."""
+    settings = {"wal_log_hints": "on", "wal_receiver_timeout": "5s", "wal_sender_timeout": "5s"}
+    group = node.group
+    if group in PRODUCT_GROUPS and lay.topology.group(group).replication == "remote_apply":
+        settings["synchronous_commit"] = "remote_apply"
+    return settings
 
 
 async def claim_initial_ownership(dsn: str, logical: tuple[int, ...], version: int) -> None:
@@ -137,7 +184,7 @@ def build(
     peers = {role: [Peer(n.name, n.host, n.port) for n in lay.by_role(role)] for role in Role}
     storage = shard_dsns(lay)
 
-    def engine_for(node: NodeSpec) -> Engine:
+    def engine_for(node: NodeSpec) -> Engine:  # noqa: PLR0911 - one engine per role
         log_path = data.log_path(node.name)
         if node.role is Role.STORAGE:
             primary = lay.node(node.replica_of) if node.replica_of else None
@@ -149,13 +196,19 @@ def build(
                     host=node.host,
                     port=node.port,
                     log_path=log_path,
-                    primary=(primary.host, primary.port) if primary else None,
+                    primary=lay.reach(primary, "replication", node.name) if primary else None,
+                    synchronous_standby_names=_sync_standbys(lay, node),
+                    settings=_replication_settings(lay, node),
                 )
             )
         if node.role is Role.CACHE:
             return _cache_engine(lay, node, data)
         if node.role is Role.WORKER:
             return _worker_engine(lay, node, data, peers[Role.APP])
+        if node.role is Role.CHAOS:
+            return _chaos_engine(lay, node, data)
+        if node.role in (Role.MEDIA, Role.CDN):
+            return _media_engine(lay, node, data)
         settings: dict[str, object]
         if node.role is Role.EDGE and lay.topology.edge_engine == "nginx":
             return _nginx_edge(lay, node, data, peers[Role.WEB])
@@ -170,10 +223,10 @@ def build(
             settings = _as_dict(
                 WebSettings(
                     name=node.name,
-                    app_nodes=tuple(peers[Role.APP]),
+                    app_nodes=tuple(_via(lay, Role.APP, "web-app")),
                     token_secret_path=secret,
                     cache_nodes=tuple(peers[Role.CACHE]),  # pub/sub for real-time events
-                    media=_media_settings(lay, data),  # uploads store originals there
+                    media=_media_settings(lay),  # uploads store originals there
                 )
             )
             settings["balancing"] = lay.topology.web_balancing
@@ -185,13 +238,16 @@ def build(
                 AppSettings(
                     name=node.name,
                     storage=storage,
-                    cache_nodes=tuple(peers[Role.CACHE]),
+                    cache_nodes=tuple(_via(lay, Role.CACHE, "app-cache")),
                     directory_nodes=tuple(peers[Role.DIRECTORY]),  # placement: the shard map
                     static_base_url=f"http://{lay.topology.host}:{lay.static_port}",
                     caching=lay.topology.caching,  # cached reads ([cache]; docs/caching.md)
                     queue_dsn=queue_dsn(lay),  # uploads' tasks (docs/uploads.md)
                     queue_max_length=lay.topology.queue_max_length,
                     feed={"fanout_limit": lay.topology.feed_fanout_limit},
+                    replication=replication_policies(lay),  # read split, CAP (replication.md)
+                    media_nodes=tuple(peers[Role.MEDIA]),  # every upload on each (media.md)
+                    cdn_purge=_cdn_purge_peer(lay),
                 )
             )
         return PhotostackNodeEngine(
@@ -226,7 +282,8 @@ def build(
             assert node.group is not None
             if node.group in (DIRECTORY_GROUP, QUEUE_GROUP):
                 continue  # the directory nodes / the queue's users create their own tables
-            dsn = postgres_dsn(node.host, node.port, DATABASE)
+            # replicas start after their primary: a synchronous one must not wait for them
+            dsn = postgres_dsn(node.host, node.port, DATABASE) + "?synchronous_commit=local"
             await apply_schema(node.group, dsn)
             assert node.shard is not None
             owned = first_map.group(node.group).owned_by(node.shard - 1)
@@ -236,14 +293,17 @@ def build(
         return [n.name for n in lay.by_role(role)]
 
     phases = [
+        Phase("chaos", names(Role.CHAOS)),  # links listen before any consumer connects
         Phase("storage primaries", [n.name for n in primaries], init_storage),
         Phase("storage replicas", [n.name for n in lay.nodes if n.replica_of]),
         Phase("directory", names(Role.DIRECTORY)),
+        Phase("media", names(Role.MEDIA)),  # uploads need both origins (docs/media.md)
         Phase("caches", names(Role.CACHE)),
         Phase("app", names(Role.APP)),
         Phase("workers", names(Role.WORKER)),  # they call the app nodes; stopped before them
         Phase("web", names(Role.WEB)),
         Phase("edge", names(Role.EDGE)),
+        Phase("cdn", names(Role.CDN)),  # the static host, in front of the media origins
     ]
     return nodes, [p for p in phases if p.names]
 
@@ -380,6 +440,36 @@ def _cache_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
     )
 
 
+def _via(lay: Layout, role: Role, kind: str) -> list[Peer]:
+    """A role's nodes as their consumers over ``kind`` links reach them ([chaos])."""
+    return [Peer(n.name, *lay.reach(n, kind)) for n in lay.by_role(role)]
+
+
+def _chaos_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
+    """The chaos node: one process listening on every [chaos] link (docs/chaos.md)."""
+    links = [
+        {
+            "name": link.name,
+            "listen_host": node.host,
+            "listen_port": link.port,
+            "upstream_host": lay.node(link.upstream).host,
+            "upstream_port": lay.node(link.upstream).port,
+        }
+        for link in lay.links
+    ]
+    return PhotostackNodeEngine(
+        NodeProcessConfig(
+            name=node.name,
+            role=node.role.value,
+            host=node.host,
+            port=node.port,
+            spec_path=data.run / f"{node.name}.json",
+            log_path=data.log_path(node.name),
+            settings={"links": links},
+        )
+    )
+
+
 QUEUE_NAME = "media"  # the uploads' queue (thumbnails, fan-out, cleanup)
 
 
@@ -388,11 +478,70 @@ def queue_dsn(lay: Layout) -> str:
     return postgres_dsn(primary.host, primary.port, DATABASE)
 
 
-def _media_settings(lay: Layout, data: DataDir) -> dict[str, object]:
-    """The media origins as directories under the data dir (service/_uploads.DirMediaStore)."""
-    roots = [str(data.root / "media" / f"origin-{i}") for i in (1, 2)]
+def _media_settings(lay: Layout) -> dict[str, object]:
+    """Where uploads and workers store media: the HTTP origins (every put on each) and the
+    CDN's purge listener (blocks/media MediaClient via service/_uploads.OriginMediaStore)."""
     base = f"http://{lay.topology.host}:{lay.static_port}"
-    return {"engine": "dir", "roots": roots, "base_url": base}
+    origins = [vars(Peer(n.name, n.host, n.port)) for n in lay.by_role(Role.MEDIA)]
+    purge = _cdn_purge_peer(lay)
+    return {
+        "engine": "origins", "base_url": base,
+        "origins": origins, "purge": vars(purge) if purge else None,
+    }  # fmt: skip
+
+
+def _cdn_purge_peer(lay: Layout) -> Peer | None:
+    cdn = lay.by_role(Role.CDN)
+    if not cdn or cdn[0].admin_port is None:
+        return None
+    return Peer(f"{cdn[0].name}-purge", cdn[0].host, cdn[0].admin_port)
+
+
+def _media_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
+    """A media origin, or the CDN edge (photostack, or nginx from ``[cdn] engine``)."""
+    topo = lay.topology
+    origins = [vars(Peer(n.name, n.host, n.port)) for n in lay.by_role(Role.MEDIA)]
+    if node.role is Role.CDN and topo.cdn_engine == "nginx":
+        from photostack.cluster.engines.nginx_cdn import NginxCdnConfig, NginxCdnEngine
+
+        return NginxCdnEngine(
+            NginxCdnConfig(
+                name=node.name,
+                host=node.host,
+                port=node.port,
+                purge_port=node.admin_port,
+                origins=tuple((str(o["name"]), str(o["host"]), int(o["port"])) for o in origins),
+                prefix=data.root / "nginx" / node.name,
+                log_path=data.log_path(node.name),
+                cache_bytes=topo.cdn_cache_bytes,
+                max_entry_bytes=topo.cdn_max_entry_bytes,
+            )
+        )
+    settings: dict[str, object]
+    if node.role is Role.MEDIA:
+        settings = {
+            "root": str(data.root / "media" / node.name),
+            "max_object_bytes": topo.media_max_object_bytes,
+        }
+    else:
+        settings = {
+            "origins": origins,
+            "purge_port": node.admin_port,
+            "cache_bytes": topo.cdn_cache_bytes,
+            "max_entry_bytes": topo.cdn_max_entry_bytes,
+            "max_object_bytes": topo.media_max_object_bytes,
+        }
+    return PhotostackNodeEngine(
+        NodeProcessConfig(
+            name=node.name,
+            role=node.role.value,
+            host=node.host,
+            port=node.port,
+            spec_path=data.run / f"{node.name}.json",
+            log_path=data.log_path(node.name),
+            settings=settings,
+        )
+    )
 
 
 class WorkerEngine(PhotostackNodeEngine):
@@ -429,7 +578,7 @@ def _worker_engine(lay: Layout, node: NodeSpec, data: DataDir, apps: list[Peer])
     ]  # fmt: skip
     settings = {
         "app_nodes": [vars(p) for p in apps],
-        "media": _media_settings(lay, data),
+        "media": _media_settings(lay),
         "balancing": topo.web_balancing,
     }
     return WorkerEngine(

@@ -30,6 +30,9 @@ from typing import IO, Any, Protocol
 from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from photostack.blocks.media import InvalidKey, MediaClient, MediaUnavailable, Origin
+from photostack.blocks.media import MediaNotFound as BlockMediaNotFound
+
 __all__ = [
     "CAPTION_MAX_CHARS",
     "IMAGE_TYPES",
@@ -378,14 +381,69 @@ class DirMediaStore:
         return None
 
 
+class OriginMediaStore:
+    """The HTTP media origins behind the CDN (blocks/media ``MediaClient``, docs/media.md).
+
+    ``put`` returns only once every origin has the bytes; an origin that is down or refuses
+    surfaces as ``OSError`` (the upload answers 503), a key no origin has as ``MediaNotFound``.
+    Keys are the sha256 hex of the bytes, as the origins and the CDN address them.
+    """
+
+    def __init__(self, client: MediaClient) -> None:
+        self._client = client
+
+    async def put(self, data: bytes, content_type: str) -> MediaObject:
+        try:
+            stored = await self._client.put(data)
+        except MediaUnavailable as exc:
+            raise OSError(f"media origins unavailable: {exc}") from exc
+        return MediaObject(stored.key, content_type, stored.size, stored.url)
+
+    async def get(self, key: str) -> bytes:
+        try:
+            return await self._client.get(key)
+        except (BlockMediaNotFound, InvalidKey) as exc:
+            raise MediaNotFound(key) from exc
+        except MediaUnavailable as exc:
+            raise OSError(f"media origins unavailable: {exc}") from exc
+
+    async def delete(self, key: str) -> None:
+        """Both origins, then the CDN copy (the client purges after deleting)."""
+        try:
+            await self._client.delete(key)
+        except InvalidKey:
+            return  # never stored under this scheme: nothing to remove
+        except MediaUnavailable as exc:
+            raise OSError(f"media origins unavailable: {exc}") from exc
+
+    async def purge(self, key: str) -> None:
+        with contextlib.suppress(InvalidKey):
+            await self._client.purge(key)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
 def media_store_from(config: dict[str, Any]) -> MediaStore | None:
-    """The MediaStore a node's settings describe: ``{"engine": "dir", "roots": [...],
-    "base_url": ...}``; None when there is none (uploads then answer 503)."""
+    """The MediaStore a node's settings describe; None when there is none (uploads answer 503).
+
+    ``{"engine": "origins", "origins": [{"name", "host", "port"}], "purge": {...} | None,
+    "base_url": ...}`` is the cluster's (HTTP origins + CDN purge); ``{"engine": "dir",
+    "roots": [...], "base_url": ...}`` keeps files in local directories (tests, one host).
+    """
     engine = config.get("engine")
     if not engine:
         return None
     if engine == "dir":
         return DirMediaStore([Path(r) for r in config["roots"]], str(config["base_url"]))
+    if engine == "origins":
+        purge = config.get("purge")
+        client = MediaClient(
+            [Origin(o["name"], o["host"], int(o["port"])) for o in config["origins"]],
+            static_base_url=str(config["base_url"]),
+            purge=(str(purge["host"]), int(purge["port"])) if purge else None,
+        )
+        return OriginMediaStore(client)
     raise ValueError(f"unknown media engine {engine!r}")
 
 
