@@ -20,6 +20,8 @@ BLOCK_EDGES_ALLOWED = {
     ("balancer", "ring"),
     ("storage", "ring"),
     ("cache", "ring"),  # the distributed cache client places keys with the consistent-hash ring
+    ("media", "balancer"),  # origin calls reuse the balancer's pooled keep-alive Upstream
+    ("media", "cache"),  # the CDN's byte-bounded LRU is the cache block's BoundedCache
 }
 
 

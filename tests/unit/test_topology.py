@@ -56,7 +56,10 @@ def test_small_topology_loads_from_the_package() -> None:
 
 def test_every_internal_port_lies_above_the_public_ones_and_is_unique() -> None:
     lay = layout(load_topology(), 9000)
-    internal = [n.port for n in lay.nodes if n.name != "edge-1"]
+    public = {"edge-1": 9000, "cdn-1": 9001}  # the api and the static host
+    assert {n.name: n.port for n in lay.nodes if n.name in public} == public
+    internal = [n.port for n in lay.nodes if n.name not in public]
+    internal += [n.admin_port for n in lay.nodes if n.admin_port is not None]
     assert min(internal) >= 9000 + INTERNAL_PORT_OFFSET
     assert len(set(internal)) == len(internal)
 

@@ -1,0 +1,299 @@
+"""Online resharding on a running cluster: the control API's ``/v1/reshard`` routes.
+
+``add-shard GROUP`` starts a new Postgres primary for the group (like the group's first primary,
+on the next free port), records it in ``DATA/reshard-nodes.json`` so every later ``up`` starts it
+with the others, creates its database and tables, then plans and runs the move
+(service/_reshard.py) in the background. A move left unfinished (supervisor stopped or crashed)
+resumes when the cluster is next ready. See docs/resharding.md.
+
+- ``POST /v1/reshard/{group}/add-shard`` -> 202 the move | 400 ``bad_reshard`` (one-line reason)
+- ``POST /v1/reshard/{group}/hot-shard`` -> 202 the move off the hottest shard | 400
+- ``POST /v1/reshard/cancel`` -> 200 the cancelled move | 409 past the cut-over | 404 none
+- ``GET  /v1/reshard`` -> the active move, the recent ones, per-shard load and skew
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from photostack.cluster.engines import (
+    EngineError,
+    PostgresConfig,
+    PostgresEngine,
+    ensure_database,
+    ensure_port_free,
+    postgres_dsn,
+)
+from photostack.cluster.state import NodeLifecycle, NodeState
+from photostack.cluster.supervisor import ManagedNode, Supervisor
+from photostack.cluster.topology import NodeSpec, Role
+from photostack.service._hotshard import sample_loads
+from photostack.service._reshard import RETRYABLE, ReshardExecutor
+from photostack.service._reshard_plan import MoveKind, ReshardError
+from photostack.service.directory import Endpoint
+from photostack.service.schema import apply_schema
+
+__all__ = ["NODES_FILE", "ReshardControl", "added_storage_nodes", "reshard_routes"]
+
+log = logging.getLogger("photostack.reshard")
+
+NODES_FILE = "reshard-nodes.json"
+_DATABASE = "photostack"
+_READY_S = 120.0
+_RESUME_ERRORS: tuple[type[Exception], ...] = (ReshardError, *RETRYABLE)
+
+
+class _JSON(JSONResponse):
+    media_type = "application/json; charset=utf-8"
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return _JSON({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _ready(node: ManagedNode) -> bool:
+    return node.lifecycle.state is NodeState.READY
+
+
+def _template(nodes: list[ManagedNode], group: str) -> ManagedNode | None:
+    """The group's first primary: the new shard's Postgres is configured like it."""
+    primaries = [
+        n
+        for n in nodes
+        if n.spec.group == group and n.spec.is_primary and isinstance(n.engine, PostgresEngine)
+    ]
+    return min(primaries, key=lambda n: n.spec.shard or 0) if primaries else None
+
+
+def _managed(template: ManagedNode, name: str, shard: int, port: int) -> ManagedNode:
+    assert isinstance(template.engine, PostgresEngine)
+    base = template.engine.config
+    config: PostgresConfig = dataclasses.replace(
+        base,
+        name=name,
+        pgdata=base.pgdata.with_name(name),
+        port=port,
+        log_path=base.log_path.with_name(f"{name}.log"),
+        primary=None,
+        synchronous_standby_names="",
+    )
+    return ManagedNode(
+        spec=NodeSpec(name, Role.STORAGE, template.spec.host, port, template.spec.group, shard),
+        engine=PostgresEngine(config),
+        log_path=config.log_path,
+        lifecycle=NodeLifecycle(name),
+    )
+
+
+def added_storage_nodes(data_root: Path, nodes: list[ManagedNode]) -> list[ManagedNode]:
+    """The storage primaries earlier ``add-shard`` commands created (``DATA/reshard-nodes.json``),
+    configured like their group's first primary; plan.build starts them with the primaries."""
+    path = data_root / NODES_FILE
+    if not path.exists():
+        return []
+    out = []
+    for entry in json.loads(path.read_text(encoding="utf-8")):
+        template = _template(nodes, entry["group"])
+        if template is not None:
+            out.append(_managed(template, entry["name"], int(entry["shard"]), int(entry["port"])))
+    return out
+
+
+def _record_node(data_root: Path, node: ManagedNode) -> None:
+    path = data_root / NODES_FILE
+    entries = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    if all(e["name"] != node.name for e in entries):
+        entries.append(
+            {
+                "name": node.name,
+                "group": node.spec.group,
+                "shard": node.spec.shard,
+                "port": node.spec.port,
+            }
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
+        tmp.replace(path)
+
+
+class ReshardControl:
+    def __init__(self, supervisor: Supervisor, data_root: Path) -> None:
+        self._supervisor = supervisor
+        self._data_root = data_root
+        self._executor: ReshardExecutor | None = None
+        self._lock = asyncio.Lock()
+
+    def executor(self) -> ReshardExecutor:
+        if self._executor is None:
+            directory = next(
+                (
+                    n
+                    for n in self._supervisor.nodes.values()
+                    if n.spec.role is Role.STORAGE
+                    and n.spec.group == "directory"
+                    and n.spec.is_primary
+                ),
+                None,
+            )
+            if directory is None:
+                raise ReshardError("this cluster has no directory: nothing to reshard")
+            dsn = postgres_dsn(directory.spec.host, directory.spec.port, _DATABASE)
+            self._executor = ReshardExecutor(dsn)
+        return self._executor
+
+    async def add_shard(self, group: str) -> dict[str, Any]:
+        async with self._lock:
+            executor = self.executor()
+            current = await executor.current_map()
+            active = await executor.active()
+            if active is not None:
+                if active.group == group and active.kind is MoveKind.ADD_SHARD:
+                    executor.start(active)  # resume it
+                    return active.to_json()
+                raise ReshardError(f"move {active.id} ({active.group}) is in progress")
+            if group not in current.groups:
+                known = ", ".join(sorted(current.groups))
+                raise ReshardError(f"unknown group {group!r} (groups: {known})")
+            # validated by planning first (nothing started): a dry run of the same checks
+            count = len(current.group(group).shards)
+            await self._validate(executor, group)
+            node = await self._new_primary(group, count + 1)
+            dsn = postgres_dsn(node.spec.host, node.spec.port, _DATABASE)
+            rec = await executor.plan(
+                MoveKind.ADD_SHARD, group, new_endpoint=Endpoint(node.name, dsn)
+            )
+            executor.start(rec)
+            return rec.to_json()
+
+    async def _validate(self, executor: ReshardExecutor, group: str) -> None:
+        from photostack.service._reshard_plan import SUPPORTED_GROUPS
+
+        if group not in SUPPORTED_GROUPS:
+            raise ReshardError(
+                f"resharding {group!r} is not supported yet (its event writes are not fenced); "
+                f"supported: {', '.join(sorted(SUPPORTED_GROUPS))}"
+            )
+        if _template(list(self._supervisor.nodes.values()), group) is None:
+            raise ReshardError(f"no {group} primary to copy a new shard from")
+
+    async def _new_primary(self, group: str, shard: int) -> ManagedNode:
+        name = f"{group}-{shard}-primary"
+        node = self._supervisor.nodes.get(name)
+        if node is None:
+            template = _template(list(self._supervisor.nodes.values()), group)
+            assert template is not None
+            port = await asyncio.to_thread(self._free_port, template.spec.host)
+            node = _managed(template, name, shard, port)
+            self._supervisor.add_node(node, like=template.name)
+            _record_node(self._data_root, node)
+        if node.lifecycle.state is not NodeState.READY:
+            if node.lifecycle.state in (NodeState.PENDING, NodeState.STOPPED, NodeState.FAILED):
+                await self._supervisor.start(name)
+            deadline = time.monotonic() + _READY_S
+            while not _ready(node):
+                if time.monotonic() > deadline:
+                    raise ReshardError(f"{name} did not become ready (log: {node.log_path})")
+                await asyncio.sleep(0.2)  # polling the supervisor's view under a deadline
+        await ensure_database(node.spec.host, node.spec.port, _DATABASE)
+        await apply_schema(group, postgres_dsn(node.spec.host, node.spec.port, _DATABASE))
+        return node
+
+    def _free_port(self, host: str) -> int:
+        port = max(n.spec.port for n in self._supervisor.nodes.values()) + 1
+        for candidate in range(port, min(port + 50, 65536)):
+            try:
+                ensure_port_free(host, candidate)
+            except EngineError:
+                continue
+            return candidate
+        raise ReshardError(f"no free port above {port} for a new shard")
+
+    async def hot_shard(self, group: str) -> dict[str, Any]:
+        async with self._lock:
+            executor = self.executor()
+            await self._validate(executor, group)
+            load = await self._load(group)
+            rec = await executor.plan(MoveKind.HOT_SHARD, group, loads=load["tps"])
+            executor.start(rec)
+            return {**rec.to_json(), "load": load}
+
+    async def _load(self, group: str) -> dict[str, Any]:
+        current = await self.executor().current_map()
+        if group not in current.groups:
+            raise ReshardError(f"unknown group {group!r}")
+        dsns = [s.primary.dsn for s in current.group(group).shards]
+        return (await sample_loads(group, dsns, 1.0)).to_json()
+
+    async def cancel(self) -> dict[str, Any] | None:
+        executor = self.executor()
+        active = await executor.active()
+        if active is None:
+            return None
+        return (await executor.cancel(active)).to_json()
+
+    async def status(self) -> dict[str, Any]:
+        executor = self.executor()
+        current = await executor.current_map()
+        loads = await asyncio.gather(
+            *(self._load(g) for g in sorted(current.groups) if g != "directory"),
+            return_exceptions=True,
+        )
+        return {
+            "map_version": current.version,
+            "moves": [m.to_json() for m in await executor.moves()],
+            "load": [x for x in loads if isinstance(x, dict)],
+        }
+
+    async def resume(self) -> None:
+        """Watcher: once the cluster is up, continue a move a stopped supervisor left."""
+        try:
+            executor = self.executor()
+            active = await executor.active()
+        except _RESUME_ERRORS as exc:
+            log.info("no reshard to resume: %r", exc)
+            return
+        if active is not None:
+            log.info("resuming reshard move %d (%s, %s)", active.id, active.group, active.state)
+            await executor.start(active)
+
+
+def reshard_routes(control: ReshardControl) -> list[Route]:
+    async def answer(call: Any, status: int = 202, refused: int = 400) -> Response:
+        try:
+            body = await call
+        except ReshardError as exc:
+            return _error(refused, "bad_reshard", str(exc))
+        except RETRYABLE as exc:
+            return _error(503, "storage_unavailable", f"a shard or the directory: {exc!r}")
+        if body is None:
+            return _error(404, "no_move", "no reshard is in progress")
+        return _JSON(body, status_code=status)
+
+    async def add_shard(request: Request) -> Response:
+        return await answer(control.add_shard(request.path_params["group"]))
+
+    async def hot_shard(request: Request) -> Response:
+        return await answer(control.hot_shard(request.path_params["group"]))
+
+    async def cancel(request: Request) -> Response:
+        return await answer(control.cancel(), 200, refused=409)  # 409: past the cut-over
+
+    async def status(request: Request) -> Response:
+        return await answer(control.status(), 200)
+
+    return [
+        Route("/v1/reshard", status),
+        Route("/v1/reshard/cancel", cancel, methods=["POST"]),
+        Route("/v1/reshard/{group}/add-shard", add_shard, methods=["POST"]),
+        Route("/v1/reshard/{group}/hot-shard", hot_shard, methods=["POST"]),
+    ]

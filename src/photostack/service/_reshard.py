@@ -1,0 +1,558 @@
+"""Online resharding, the I/O half: runs a :class:`MovePlan` against real shards, step by step.
+
+Every move is a row of ``reshard_moves`` in the **directory database** (its plan, its phase, its
+progress: keyset cursors, replay positions, counts). Each phase's step is idempotent and saves its
+progress before it advances, so a move restarted in any phase continues where it stopped; a
+storage node that dies mid-step makes the step fail and retry (with back-off) until it is back.
+
+The route (docs/resharding.md):
+
+1. **capture** on every source shard: an ``AFTER`` row trigger on the group's tables logs each
+   changed row to ``reshard_changes`` (a transient table, dropped at the end). Creating the
+   trigger waits for in-flight writers, so every write after it is logged.
+2. **backfill**: keyset pages of each table, the rows of moving logical shards upserted to their
+   target, the cursor saved after every page.
+3. **catch up**: replay the log: for each logged key, read the source's current row and upsert it
+   on the target (or delete it there when it is gone). Re-reading makes replay idempotent and
+   order-free. Repeated until the backlog is one page.
+4. **fence**: on each source delete the moving logical shards' ``shard_ownership`` rows. The
+   delete waits for in-flight guarded writes (they hold the rows ``FOR SHARE``); after it,
+   guarded writes there answer "wrong shard" and the app waits (``MapGuard.retrying``) for the map.
+5. **claim**: drain the log (nothing new can be written there now), then insert the ownership
+   rows on the target(s).
+6. **publish** the map's next version (new placement, the new shard) in the directory database;
+   directory nodes serve it within their refresh interval, apps fetch it on the next "wrong shard".
+7. **clean**: after a grace period (apps polling the old version still read the old copies), drop
+   the capture and delete the moved rows from the sources.
+
+Cancel (before the fence only): drop the capture, delete the targets' copies; nothing else moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from photostack.blocks.storage import logical_name, stable_hash64
+
+from ._reshard_plan import (
+    CANCELLABLE,
+    GROUP_TABLES,
+    NEXT,
+    SUPPORTED_GROUPS,
+    TERMINAL,
+    MoveKind,
+    MovePlan,
+    MoveState,
+    ReshardError,
+    advance,
+    ideal_fraction,
+    plan_add,
+    plan_hot,
+    plan_remove,
+    sources_of,
+)
+from ._reshard_sql import (
+    CAPTURE,
+    RESHARD_SCHEMA,
+    RETRYABLE,
+    SELECT_MOVES,
+    TRIGGER,
+    MoveRecord,
+    ReshardConfig,
+    delete_sql,
+    page_sql,
+    record,
+    select_sql,
+    upsert_sql,
+)
+from .directory import ClusterMap, Endpoint, PhysicalShard, StaleMapError
+from .directory._mapstore import MapStore
+from .schema import apply_schema_on
+
+__all__ = ["RETRYABLE", "MoveRecord", "ReshardConfig", "ReshardExecutor"]
+
+log = logging.getLogger(__name__)
+
+
+class ReshardExecutor:
+    """Plans, runs, resumes and cancels moves. ``directory_dsn``: the directory's primary."""
+
+    def __init__(self, directory_dsn: str, config: ReshardConfig | None = None) -> None:
+        self._dsn = directory_dsn
+        self.config = config or ReshardConfig()
+        self._cancel: set[int] = set()
+        self.tasks: dict[int, asyncio.Task[MoveRecord]] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _directory(self) -> AsyncIterator[asyncpg.Connection[Any]]:
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(self._dsn, timeout=5)
+        try:
+            await conn.execute(RESHARD_SCHEMA)
+            yield conn
+        finally:
+            await conn.close()
+
+    async def current_map(self) -> ClusterMap:
+        async with self._directory() as conn:
+            found = await MapStore.current(conn)
+        if found is None:
+            raise ReshardError("the directory has no shard map yet")
+        return found
+
+    async def moves(self, limit: int = 10) -> list[MoveRecord]:
+        """The newest moves, newest first."""
+        async with self._directory() as conn:
+            rows = await conn.fetch(
+                f"{SELECT_MOVES} FROM reshard_moves ORDER BY id DESC LIMIT $1", limit
+            )
+        return [record(r) for r in rows]
+
+    async def active(self) -> MoveRecord | None:
+        async with self._directory() as conn:
+            row = await conn.fetchrow(
+                f"{SELECT_MOVES} FROM reshard_moves WHERE state NOT IN ('done', 'cancelled')"
+            )
+        return None if row is None else record(row)
+
+    async def _save(self, rec: MoveRecord, new_state: MoveState | None = None) -> MoveRecord:
+        state = advance(rec.state, new_state) if new_state is not None else rec.state
+        async with self._directory() as conn:
+            done = await conn.fetchval(
+                "UPDATE reshard_moves SET state = $2, progress = $3::jsonb, error = $4, "
+                "updated_at = now() WHERE id = $1 AND state = $5 RETURNING id",
+                rec.id,
+                state.value,
+                json.dumps(rec.progress),
+                rec.error,
+                rec.state.value,
+            )
+        if done is None:
+            raise ReshardError(f"move {rec.id} changed under this executor")
+        if new_state is not None:
+            log.info("reshard move %d (%s): %s", rec.id, rec.group, state.value)
+        rec.state = state
+        return rec
+
+    async def plan(
+        self,
+        kind: MoveKind,
+        group: str,
+        *,
+        new_endpoint: Endpoint | None = None,
+        shard: int | None = None,
+        loads: Sequence[float] | None = None,
+    ) -> MoveRecord:
+        """Persist a new move (PLANNED). ``shard`` is 1-based (remove-shard). Raises
+        ReshardError (unknown group or shard, unsupported group, another move active...)."""
+        current = await self.current_map()
+        if group not in current.groups:
+            known = ", ".join(sorted(current.groups))
+            raise ReshardError(f"unknown group {group!r} (groups: {known})")
+        if group not in SUPPORTED_GROUPS:
+            raise ReshardError(
+                f"resharding {group!r} is not supported yet (its event writes are not fenced); "
+                f"supported: {', '.join(sorted(SUPPORTED_GROUPS))}"
+            )
+        placed = current.group(group)
+        placement = [
+            placed.placement.entries[logical_name(i)] for i in range(placed.logical_shards)
+        ]
+        count = len(placed.shards)
+        move: MovePlan | None
+        if kind is MoveKind.ADD_SHARD:
+            if new_endpoint is None:
+                raise ReshardError("add-shard needs the new shard's endpoint")
+            move = plan_add(group, placement, count)
+        elif kind is MoveKind.REMOVE_SHARD:
+            if shard is None:
+                raise ReshardError("remove-shard needs a shard number")
+            move = plan_remove(group, placement, count, shard - 1)
+        else:
+            move = plan_hot(group, placement, count, loads or [])
+            if move is None:
+                raise ReshardError(f"{group}: no hot shard to move (load is even enough)")
+        body = {
+            "kind": kind.value,
+            "group": group,
+            "moves": {str(k): v for k, v in move.moves.items()},
+            "shard_count": count,
+            "logical_shards": move.logical_shards,
+            "new_shard": move.new_shard,
+            "removed_shard": move.removed_shard,
+            "new_endpoint": (
+                {"name": new_endpoint.name, "dsn": new_endpoint.dsn} if new_endpoint else None
+            ),
+            "base_version": current.version,
+            "sources": {str(s): ls for s, ls in sources_of(placement, move.moves).items()},
+        }
+        progress = {
+            "logical_moved": len(move.moves),
+            "logical_ideal": round(move.logical_shards * ideal_fraction(count), 2)
+            if kind is MoveKind.ADD_SHARD
+            else None,
+            "started_at": time.time(),
+        }
+        async with self._directory() as conn:
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO reshard_moves (kind, group_name, state, plan, progress) "
+                    "VALUES ($1, $2, 'planned', $3::jsonb, $4::jsonb) "
+                    "RETURNING id, kind, group_name, state, plan::text AS plan, "
+                    "progress::text AS progress, error",
+                    kind.value,
+                    group,
+                    json.dumps(body),
+                    json.dumps(progress),
+                )
+            except asyncpg.UniqueViolationError:
+                raise ReshardError(
+                    "another move is in progress (photostack reshard status)"
+                ) from None
+        assert row is not None
+        return record(row)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def start(self, rec: MoveRecord) -> asyncio.Task[MoveRecord]:
+        """Run ``rec`` in the background (one task per move)."""
+        task = self.tasks.get(rec.id)
+        if task is None or task.done():
+            task = asyncio.create_task(self.run(rec), name=f"reshard-{rec.id}")
+            self.tasks[rec.id] = task
+        return task
+
+    async def run(self, rec: MoveRecord, stop_at: MoveState | None = None) -> MoveRecord:
+        """Step ``rec`` until it is done or cancelled (or reaches ``stop_at``: tests stop a move
+        there, as a crash would). Storage errors are retried with back-off."""
+        delay = 0.1
+        while rec.state not in TERMINAL and rec.state is not stop_at:
+            if rec.id in self._cancel and rec.state in CANCELLABLE:
+                rec = await self._save(rec, MoveState.CANCELLING)
+            try:
+                await self._step(rec)
+                rec.error = ""
+                following = NEXT[rec.state]
+                if rec.id in self._cancel and following is MoveState.FENCING:
+                    following = MoveState.CANCELLING  # a cancel asked for before the fence wins
+                rec = await self._save(rec, following)
+                delay = 0.1
+            except RETRYABLE as exc:
+                rec.error = f"{rec.state.value}: {exc!r}"[:500]
+                log.warning("reshard move %d: %s; retrying in %.1fs", rec.id, rec.error, delay)
+                with contextlib.suppress(*RETRYABLE):
+                    await self._save(rec)
+                await asyncio.sleep(delay)  # back-off while a storage node is away
+                delay = min(self.config.retry_max_s, delay * 2)
+        return rec
+
+    async def cancel(self, rec: MoveRecord) -> MoveRecord:
+        """Roll ``rec`` back to the old placement. Raises ReshardError past the fence."""
+        if rec.state in TERMINAL:
+            raise ReshardError(f"move {rec.id} is {rec.state.value} already")
+        if rec.state not in CANCELLABLE and rec.state is not MoveState.CANCELLING:
+            raise ReshardError(
+                f"move {rec.id} is past its cut-over ({rec.state.value}); it can only finish"
+            )
+        self._cancel.add(rec.id)
+        task = self.tasks.get(rec.id)
+        if task is not None and not task.done():
+            return await task
+        return await self.run(rec)
+
+    async def _step(self, rec: MoveRecord) -> None:
+        steps = {
+            MoveState.PLANNED: self._noop,
+            MoveState.CAPTURING: self._capture,
+            MoveState.BACKFILLING: self._backfill,
+            MoveState.CATCHING_UP: self._catch_up,
+            MoveState.FENCING: self._fence,
+            MoveState.CLAIMING: self._claim,
+            MoveState.PUBLISHING: self._publish,
+            MoveState.CLEANING: self._clean,
+            MoveState.CANCELLING: self._undo,
+        }
+        await steps[rec.state](rec)
+
+    async def _noop(self, rec: MoveRecord) -> None:
+        return None
+
+    # -- shards --------------------------------------------------------------------------------
+
+    async def _dsns(self, rec: MoveRecord) -> dict[int, str]:
+        """physical shard index -> primary DSN, from the current map (a failover may have moved
+        a primary) plus the shard being added."""
+        current = await self.current_map()
+        out = {s.index: s.primary.dsn for s in current.group(rec.group).shards}
+        new = rec.plan.get("new_endpoint")
+        if new is not None and rec.plan["new_shard"] not in out:
+            out[int(rec.plan["new_shard"])] = new["dsn"]
+        return out
+
+    @contextlib.asynccontextmanager
+    async def _shards(
+        self, rec: MoveRecord, which: Sequence[int]
+    ) -> AsyncIterator[dict[int, asyncpg.Connection[Any]]]:
+        dsns = await self._dsns(rec)
+        conns: dict[int, asyncpg.Connection[Any]] = {}
+        try:
+            for index in sorted(set(which)):
+                conns[index] = await asyncpg.connect(dsns[index], timeout=5)
+            yield conns
+        finally:
+            for conn in conns.values():
+                with contextlib.suppress(*RETRYABLE):
+                    await conn.close(timeout=2)
+
+    def _sources(self, rec: MoveRecord) -> dict[int, list[int]]:
+        return {int(k): v for k, v in rec.plan["sources"].items()}
+
+    def _targets(self, rec: MoveRecord) -> list[int]:
+        return sorted(set(rec.moves.values()))
+
+    def _logical_of(self, rec: MoveRecord) -> Callable[[Any], int]:
+        count = int(rec.plan["logical_shards"])
+        return lambda key: stable_hash64(str(key)) % count
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    async def _capture(self, rec: MoveRecord) -> None:
+        tables = GROUP_TABLES[rec.group]
+        async with self._shards(rec, [*self._sources(rec), *self._targets(rec)]) as conns:
+            for index in self._targets(rec):
+                await apply_schema_on(conns[index], rec.group)  # a new shard: its tables
+            for index in self._sources(rec):
+                conn = conns[index]
+                async with conn.transaction():
+                    await conn.execute(CAPTURE)
+                    for table in tables:
+                        await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {table.name}")
+                        await conn.execute(
+                            f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE "
+                            f"ON {table.name} FOR EACH ROW EXECUTE FUNCTION {TRIGGER}()"
+                        )
+
+    async def _backfill(self, rec: MoveRecord) -> None:
+        moves = rec.moves
+        logical_of = self._logical_of(rec)
+        cursors: dict[str, Any] = rec.progress.setdefault("cursors", {})
+        async with self._shards(rec, [*self._sources(rec), *self._targets(rec)]) as conns:
+            for source in self._sources(rec):
+                for table in GROUP_TABLES[rec.group]:
+                    slot = f"{source}:{table.name}"
+                    while cursors.get(slot) != "done":
+                        after = cursors.get(slot)
+                        if after is None:
+                            rows = await conns[source].fetch(
+                                page_sql(table, True), self.config.batch_rows
+                            )
+                        else:
+                            rows = await conns[source].fetch(
+                                page_sql(table, False), *after, self.config.batch_rows
+                            )
+                        moving: dict[int, list[asyncpg.Record]] = {}
+                        for row in rows:
+                            target = moves.get(logical_of(row[table.key]))
+                            if target is not None:
+                                moving.setdefault(target, []).append(row)
+                        for target, batch in moving.items():
+                            columns = list(batch[0].keys())
+                            await conns[target].executemany(
+                                upsert_sql(table, columns), [tuple(r.values()) for r in batch]
+                            )
+                        rec.progress["copied"] = rec.progress.get("copied", 0) + sum(
+                            len(b) for b in moving.values()
+                        )
+                        if len(rows) < self.config.batch_rows:
+                            cursors[slot] = "done"
+                        else:
+                            cursors[slot] = [rows[-1][c] for c in table.pk]
+                        await self._save(rec)
+
+    async def _replay(self, rec: MoveRecord, conns: Mapping[int, asyncpg.Connection[Any]]) -> int:
+        """One pass over every source's change log; returns the entries read."""
+        moves = rec.moves
+        logical_of = self._logical_of(rec)
+        tables = {t.name: t for t in GROUP_TABLES[rec.group]}
+        positions: dict[str, int] = rec.progress.setdefault("replay", {})
+        seen = 0
+        for source in self._sources(rec):
+            last = int(positions.get(str(source), 0))
+            rows = await conns[source].fetch(
+                "SELECT id, tbl, row_key::text AS row_key FROM reshard_changes "
+                "WHERE id > $1 ORDER BY id LIMIT $2",
+                last,
+                self.config.batch_rows,
+            )
+            keys: dict[tuple[str, tuple[Any, ...]], int] = {}
+            for row in rows:
+                table = tables[row["tbl"]]
+                body = json.loads(row["row_key"])
+                target = moves.get(logical_of(body[table.key]))
+                if target is not None:
+                    keys[(table.name, tuple(body[c] for c in table.pk))] = target
+            for (name, pk), target in keys.items():
+                table = tables[name]
+                current = await conns[source].fetchrow(select_sql(table), *pk)
+                if current is None:
+                    await conns[target].execute(delete_sql(table), *pk)
+                else:
+                    await conns[target].execute(
+                        upsert_sql(table, list(current.keys())), *current.values()
+                    )
+            if rows:
+                positions[str(source)] = int(rows[-1]["id"])
+                rec.progress["replayed"] = rec.progress.get("replayed", 0) + len(keys)
+                await self._save(rec)
+            seen += len(rows)
+        return seen
+
+    async def _catch_up(self, rec: MoveRecord) -> None:
+        async with self._shards(rec, [*self._sources(rec), *self._targets(rec)]) as conns:
+            for _ in range(self.config.catch_up_rounds):
+                if await self._replay(rec, conns) < self.config.batch_rows:
+                    return
+
+    async def _fence(self, rec: MoveRecord) -> None:
+        sources = self._sources(rec)
+        async with self._shards(rec, list(sources)) as conns:
+            for index, logical in sources.items():
+                await conns[index].execute(
+                    "DELETE FROM shard_ownership WHERE logical_shard = ANY($1::int[])", logical
+                )
+        rec.progress["fenced_at"] = time.time()
+
+    async def _claim(self, rec: MoveRecord) -> None:
+        async with self._shards(rec, [*self._sources(rec), *self._targets(rec)]) as conns:
+            while await self._replay(rec, conns) > 0:  # drain: nothing new reaches the log now
+                pass
+            version = int(rec.plan["base_version"]) + 1
+            for target in self._targets(rec):
+                logical = sorted(k for k, t in rec.moves.items() if t == target)
+                await conns[target].execute(
+                    "INSERT INTO shard_ownership (logical_shard, map_version) "
+                    "SELECT unnest($1::int[]), $2 ON CONFLICT (logical_shard) "
+                    "DO UPDATE SET map_version = EXCLUDED.map_version",
+                    logical,
+                    version,
+                )
+
+    def _successor(self, rec: MoveRecord, current: ClusterMap) -> ClusterMap | None:
+        group = current.group(rec.group)
+        moves = rec.moves
+        placed = all(group.placement.entries[logical_name(k)] == t for k, t in moves.items())
+        new = rec.plan.get("new_endpoint")
+        shards = list(group.shards)
+        if new is not None and len(shards) == int(rec.plan["new_shard"]):
+            shards.append(PhysicalShard(len(shards), Endpoint(new["name"], new["dsn"])))
+        elif placed:
+            return None  # published already (a resumed move)
+        return current.successor(
+            placements={rec.group: {logical_name(k): t for k, t in moves.items()}},
+            shards={rec.group: shards},
+        )
+
+    async def _publish(self, rec: MoveRecord) -> None:
+        for _ in range(10):
+            async with self._directory() as conn:
+                current = await MapStore.current(conn)
+                assert current is not None
+                proposed = self._successor(rec, current)
+                if proposed is None:
+                    break
+                try:
+                    await MapStore.publish(conn, proposed)
+                except StaleMapError:
+                    continue  # a failover published first: build on its map
+                rec.progress["published_version"] = proposed.version
+                break
+        rec.progress["published_at"] = rec.progress.get("published_at") or time.time()
+        fenced = float(rec.progress.get("fenced_at", rec.progress["published_at"]))
+        rec.progress["cutover_s"] = round(rec.progress["published_at"] - fenced, 3)
+
+    async def _delete_moved(
+        self, rec: MoveRecord, conn: asyncpg.Connection[Any], logical: set[int]
+    ) -> int:
+        """Delete the rows of ``logical`` from one shard, a page at a time; returns the count."""
+        logical_of = self._logical_of(rec)
+        deleted = 0
+        for table in GROUP_TABLES[rec.group]:
+            after: list[Any] | None = None
+            while True:
+                if after is None:
+                    rows = await conn.fetch(page_sql(table, True), self.config.batch_rows)
+                else:
+                    rows = await conn.fetch(page_sql(table, False), *after, self.config.batch_rows)
+                gone = [
+                    tuple(r[c] for c in table.pk)
+                    for r in rows
+                    if logical_of(r[table.key]) in logical
+                ]
+                if gone:
+                    await conn.executemany(delete_sql(table), gone)
+                deleted += len(gone)
+                if len(rows) < self.config.batch_rows:
+                    break
+                after = [rows[-1][c] for c in table.pk]
+        return deleted
+
+    async def _drop_capture(self, conn: asyncpg.Connection[Any], group: str) -> None:
+        async with conn.transaction():
+            for table in GROUP_TABLES[group]:
+                await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {table.name}")
+            await conn.execute("DROP TABLE IF EXISTS reshard_changes")
+
+    async def _clean(self, rec: MoveRecord) -> None:
+        waited = time.time() - float(rec.progress.get("published_at", 0))
+        if waited < self.config.grace_s:
+            await asyncio.sleep(self.config.grace_s - waited)  # apps move to the new map
+        sources = self._sources(rec)
+        async with self._shards(rec, list(sources)) as conns:
+            moved = 0
+            for index, logical in sources.items():
+                await self._drop_capture(conns[index], rec.group)
+                moved += await self._delete_moved(rec, conns[index], set(logical))
+        rec.progress["rows_moved"] = rec.progress.get("rows_moved", 0) + moved
+        await self._figures(rec)
+        rec.progress["finished_at"] = time.time()
+        rec.progress["duration_s"] = round(
+            rec.progress["finished_at"] - float(rec.progress["started_at"]), 2
+        )
+
+    async def _figures(self, rec: MoveRecord) -> None:
+        """rows in the group now, and rows moved against the ideal ``rows / (n + 1)``."""
+        current = await self.current_map()
+        total = 0
+        for shard in current.group(rec.group).shards:
+            conn = await asyncpg.connect(shard.primary.dsn, timeout=5)
+            try:
+                for table in GROUP_TABLES[rec.group]:
+                    total += int(await conn.fetchval(f"SELECT count(*) FROM {table.name}"))  # noqa: S608
+            finally:
+                await conn.close()
+        rec.progress["rows_total"] = total
+        if rec.kind is MoveKind.ADD_SHARD and total:
+            ideal = total * ideal_fraction(int(rec.plan["shard_count"]))
+            rec.progress["rows_ideal"] = round(ideal, 1)
+            rec.progress["moved_vs_ideal"] = round(rec.progress["rows_moved"] / ideal, 4)
+
+    async def _undo(self, rec: MoveRecord) -> None:
+        sources = self._sources(rec)
+        targets = self._targets(rec)
+        async with self._shards(rec, [*sources, *targets]) as conns:
+            for index in sources:
+                await self._drop_capture(conns[index], rec.group)
+            for target in targets:
+                logical = {k for k, t in rec.moves.items() if t == target}
+                with contextlib.suppress(asyncpg.UndefinedTableError):  # never got its tables
+                    await self._delete_moved(rec, conns[target], logical)
+        self._cancel.discard(rec.id)
