@@ -44,7 +44,8 @@ def test_defaults_proxy_with_keepalive_retries_and_passive_health() -> None:
     assert "proxy_next_upstream error timeout;" in text  # never non_idempotent
     assert "non_idempotent" not in text
     assert "proxy_next_upstream_tries 2;" in text  # capped by the backend count
-    assert 'proxy_set_header Connection "";' in text
+    assert "proxy_set_header Connection $edge_connection;" in text  # keep-alive unless upgrading
+    assert "proxy_set_header Upgrade $http_upgrade;" in text
     assert "proxy_buffering off;" in text  # streams SSE as it comes
     assert f"proxy_temp_path {TEMP / 'proxy'};" in text
     assert "access_log off;" in text

@@ -194,6 +194,12 @@ def render_nginx_conf(config: NginxConfig, temp_root: Path, *, user: str | None)
         "    default $http_x_request_id;",
         '    "" $request_id;',
         "}",
+        # WebSocket upgrades (GET /v1/ws) pass through; every other request keeps the pooled
+        # upstream connection alive (an empty Connection header).
+        "map $http_upgrade $edge_connection {",
+        "    default upgrade;",
+        "    '' '';",
+        "}",
     ]
     if config.access_log_path is not None:
         http += [
@@ -318,7 +324,8 @@ def _server_block(config: NginxConfig) -> list[str]:
     body += [
         "proxy_pass http://photostack_backends;",
         "proxy_http_version 1.1;",
-        'proxy_set_header Connection "";',
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection $edge_connection;",
         "proxy_set_header Host $http_host;",
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
