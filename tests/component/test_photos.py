@@ -100,11 +100,17 @@ def test_a_photo_reads_back_in_the_contract_shape(dbs: Databases, secret_path: P
             assert photo["status"] == "processing"
             assert photo["urls"] == {"original": f"{BASE}/media/ab/cd.jpg", "thumbnail": None}
             assert r.headers["x-served-by"] == "web-1,app-1"
+            assert r.headers["x-cache"] == "miss"
+            again = await client.get(f"/v1/photos/{made['id']}")
+            assert (again.headers["x-cache"], again.json()) == ("hit", photo)
 
             ready = await photos.set_status(
                 made["id"], PhotoStatus.READY, thumbnail_key="ab/cd.thumb.jpg"
             )
             assert ready["urls"]["thumbnail"] == f"{BASE}/media/ab/cd.thumb.jpg"
+            # the status change invalidated the cached copy: no stale "processing"
+            after = await client.get(f"/v1/photos/{made['id']}")
+            assert after.json()["status"] == "ready"
             with pytest.raises(InvalidPhotoError):
                 await photos.set_status(made["id"], PhotoStatus.FAILED)
 

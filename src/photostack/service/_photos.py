@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from photostack.blocks.storage import ShardRouter
 
+from ._caching import ProductCache, cached_response, json_bytes
 from ._codec import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -33,7 +34,7 @@ from ._codec import (
     format_time,
     new_id,
 )
-from ._http import ApiError, JsonResponse
+from ._http import JSON_MEDIA_TYPE, ApiError, JsonResponse
 from ._store import DomainError, Page, UserNotFoundError
 from .directory import NO_GUARD, OwnershipGuard
 
@@ -303,7 +304,9 @@ class PhotoStore:
         return Page([self.photo_json(r) for r in page], next_cursor)
 
 
-def add_internal_photo_routes(app: FastAPI, store: Callable[[], PhotoStore]) -> None:
+def add_internal_photo_routes(
+    app: FastAPI, store: Callable[[], PhotoStore], cache: ProductCache | None = None
+) -> None:
     """The app node's photo endpoints (the web node has authenticated the actor):
 
     - ``GET    /internal/v1/photos/{id}`` -> 200 PHOTO | 404 ``photo_not_found``
@@ -312,12 +315,25 @@ def add_internal_photo_routes(app: FastAPI, store: Callable[[], PhotoStore]) -> 
     """
     not_found = ApiError(404, "photo_not_found", "no such photo")
 
+    async def load(photo_id: str) -> bytes | None:
+        try:
+            return json_bytes(await store().get_photo(photo_id))
+        except PhotoNotFoundError:
+            return None
+
     @app.get("/internal/v1/photos/{photo_id}")
     async def get_photo(photo_id: str) -> Response:
-        try:
-            return JsonResponse(await store().get_photo(photo_id))
-        except PhotoNotFoundError as exc:
-            raise not_found from exc
+        if cache is None:
+            body = await load(photo_id)
+            if body is None:
+                raise not_found
+            return Response(body, media_type=JSON_MEDIA_TYPE)
+        # Read through the caches ([cache] "photo" policy); status changes and deletes
+        # invalidate ``photo:<id>`` (PhotoStore), so a processing photo turns ready at once.
+        body, hit = await cache.read("photo", f"photo:{photo_id}", lambda: load(photo_id))
+        if body is None:
+            raise not_found
+        return cached_response(body, hit)
 
     @app.delete("/internal/v1/photos/{photo_id}", status_code=204)
     async def delete_photo(photo_id: str, actor_id: str = "") -> Response:

@@ -54,6 +54,7 @@ from ._http import (
 )
 from ._jobs import JobRunner, Jobs, add_internal_job_routes
 from ._photos import PhotoStore, add_internal_photo_routes
+from ._replication import Replication, ReplicationMiddleware, add_replication_handlers
 from ._store import (
     EdgeKind,
     Page,
@@ -128,6 +129,13 @@ class AppNode:
         self._jobs: Jobs | None = None
         self._uploads: UploadService | None = None  # uploads, tasks, feed (docs/uploads.md)
         self.routing: MapRouting[Pool] | None = None  # set when the directory places storage
+        # Read/write split, read-your-writes, CAP answers (docs/replication.md): with the map.
+        self.replication = (
+            Replication(settings.replication, self._open_replica, self.registry)
+            if settings.directory_nodes
+            else None
+        )
+        self._refreshing: asyncio.Task[bool] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pools: list[Pool] = []
         self._ready = asyncio.Event()
@@ -204,9 +212,13 @@ class AppNode:
                 HttpTransport(),
                 self._open_shard,
                 DirectoryClientConfig(poll_interval_s=s.directory_poll_s),
+                on_install=self.replication.install if self.replication else None,
             )
             router = await self.routing.start()
             self._tasks.append(asyncio.create_task(self.routing.poll_forever()))
+            if self.replication is not None:
+                await self.replication.sample_once()
+                self._tasks.append(asyncio.create_task(self.replication.sample_forever()))
             return router, MapGuard(self.routing.current, self.routing.refresh)
         groups: dict[str, list[Pool]] = {}
         for group in GROUPS:
@@ -220,7 +232,8 @@ class AppNode:
     async def _start(self) -> None:
         router, guard = await self._connect_storage()
         self._events = event_store_for(self.settings, router)
-        self._store = UserStore(router, self._events)
+        reads = self.replication.router if self.replication is not None else None
+        self._store = UserStore(router, self._events, reads=reads, guard=guard)
         invalidate = self.cache.invalidate  # writes outside the cached paths drop their keys
         self._photos = PhotoStore(
             router,
@@ -255,6 +268,7 @@ class AppNode:
                         "statement_timeout": str(s.statement_timeout_ms),
                         "application_name": f"photostack-{s.name}",
                     },
+                    setup=self.replication.note_acquire(dsn) if self.replication else None,
                 )
                 async with pool.acquire() as conn:
                     await apply_schema_on(conn, group)  # idempotent; the cluster may have done it
@@ -272,6 +286,31 @@ class AppNode:
             else:
                 self._pools.append(pool)
                 return pool
+
+    async def _open_replica(self, group: str, dsn: str) -> Pool:
+        """A small pool to a replica (no schema: it is read-only); opened lazily by asyncpg."""
+        s = self.settings
+        pool = asyncpg.create_pool(
+            dsn,
+            min_size=0,
+            max_size=s.pool_max_size,
+            timeout=1.0,
+            command_timeout=s.statement_timeout_ms / 1000 + 1.0,
+            server_settings={
+                "statement_timeout": str(s.statement_timeout_ms),
+                "application_name": f"photostack-{s.name}",
+            },
+        )
+        await pool  # min_size=0: no connection is made yet, a dead replica does not block
+        self._pools.append(pool)
+        return pool
+
+    def refresh_map_soon(self) -> None:
+        """A primary refused or failed: ask the directory for a newer map now (one at a time)."""
+        if self.routing is None or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        self._refreshing = asyncio.create_task(self.routing.refresh(0))
+        self._refreshing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     @staticmethod
     async def _close_pool(pool: Pool) -> None:
@@ -300,6 +339,7 @@ def create_app(settings: AppSettings) -> FastAPI:
 
     async def on_storage_error(_: Request, exc: Exception) -> Response:
         node.storage_errors.labels(type(exc).__name__).inc()
+        node.refresh_map_soon()  # a dead primary: a failover may have moved it
         log.warning("storage error: %r", exc)
         return error_response(
             503, "storage_unavailable", "a storage shard is unavailable", {"Retry-After": "1"}
@@ -307,6 +347,9 @@ def create_app(settings: AppSettings) -> FastAPI:
 
     for error in STORAGE_ERRORS:
         app.add_exception_handler(error, on_storage_error)
+    add_replication_handlers(app, node.storage_errors, node.refresh_map_soon)
+    if node.replication is not None:
+        app.add_middleware(ReplicationMiddleware, replication=node.replication)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
@@ -321,7 +364,7 @@ def create_app(settings: AppSettings) -> FastAPI:
     add_internal_event_routes(app, lambda: node.events)
     # before the photo routes: its DELETE extends theirs with the cleanup task
     add_internal_upload_routes(app, lambda: node.uploads, lambda: node.events)
-    add_internal_photo_routes(app, lambda: node.photos)
+    add_internal_photo_routes(app, lambda: node.photos, node.cache)
     add_internal_job_routes(app, lambda: node.jobs)
     return app
 
