@@ -273,3 +273,55 @@ def test_pool_is_bounded() -> None:
             assert fake.connections_accepted == 1
 
     run(main())
+
+
+def test_streamed_body_goes_chunked_or_with_its_length() -> None:
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(20):
+            yield bytes([65 + i]) * 10_000
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            fake = FakeBackend("app-1")
+            client = await client_for(stack, await start(stack, fake))
+            upstream = client.upstream
+            expected = b"".join([p async for p in pieces()])
+            async with await upstream.open("POST", "/up", body=pieces()) as response:
+                assert response.status == 200
+                await response.read_all()
+            seen = fake.requests[-1]
+            assert seen.body == expected
+            assert seen.header("transfer-encoding") == "chunked"
+            async with await upstream.open(
+                "PUT", "/up", body=pieces(), body_length=len(expected)
+            ) as response:
+                await response.read_all()
+            seen = fake.requests[-1]
+            assert seen.body == expected
+            assert seen.header("content-length") == str(len(expected))
+            # A source that delivers less than announced never completes a request upstream.
+            with pytest.raises(UpstreamConnectError):
+                await upstream.open("PUT", "/up", body=pieces(), body_length=len(expected) + 1)
+
+    run(main())
+
+
+def test_streamed_body_is_retried_before_send_only() -> None:
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        yield b"b" * 1000
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            live = FakeBackend("app-2", reset_on("PUT"))
+            dead = Backend("app-1", "127.0.0.1", closed_port())
+            client = await client_for(stack, [dead, *await start(stack, live)])
+            # Refused connect: nothing was read from the source, the next backend gets it all.
+            async with await client.upstream.open("POST", "/up", body=pieces()) as response:
+                assert response.status == 200
+            assert live.requests[-1].body == b"a" * 1000 + b"b" * 1000
+            # Reset after send: an idempotent PUT would be retried with bytes, not with a stream.
+            with pytest.raises(UpstreamConnectError):
+                await client.upstream.open("PUT", "/up", body=pieces())
+
+    run(main())

@@ -139,3 +139,28 @@ def test_retry_verdict_order_tries_deadline_budget() -> None:
     assert verdict(3, 1.0, True) is RetryVerdict.NO_TRIES_LEFT
     assert verdict(1, 0.0, True) is RetryVerdict.DEADLINE
     assert verdict(1, 1.0, False) is RetryVerdict.BUDGET_EXHAUSTED
+
+
+@pytest.mark.parametrize("stage", list(FailureStage))
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("key", [None, "k-1"])
+def test_a_streamed_body_is_retried_only_before_send(
+    stage: FailureStage, method: str, key: str | None
+) -> None:
+    headers = [] if key is None else [("Idempotency-Key", key)]
+    verdict = retry_verdict(
+        method=method,
+        headers=headers,
+        stage=stage,
+        tries_done=1,
+        max_tries=3,
+        time_left_s=1.0,
+        budget_allows=lambda: True,
+        body_replayable=False,
+    )
+    if stage is FailureStage.BEFORE_SEND:
+        assert verdict is RetryVerdict.RETRY  # nothing of the body was read yet
+    elif method in IDEMPOTENT_METHODS or key:
+        assert verdict is RetryVerdict.BODY_NOT_REPLAYABLE  # safe to repeat, but it is gone
+    else:
+        assert verdict is RetryVerdict.MAY_HAVE_BEEN_PROCESSED

@@ -3,7 +3,9 @@
 The policy is pure and clock-driven: strategies (``make_strategy``), the backend health state
 machine (``BackendHealth``, ``TRANSITIONS``), slow start, the retry rule (``retry_verdict``) and
 the retry budget. The asyncio adapters (``Upstream``, ``SmartClient``, ``HealthChecker``,
-``AdminServer``) drive it over keep-alive HTTP/1.1 pools. See docs/balancing.md.
+``AdminServer``) drive it over keep-alive HTTP/1.1 pools: ``Upstream.open`` as a coroutine
+(request bodies as bytes or a streamed ``BodySource``), ``Upstream.exchange`` by callbacks
+(the edge's hot path, no task or timer per request). See docs/balancing.md.
 """
 
 from photostack.blocks.balancer._admin import AdminServer, admin_dispatch
@@ -28,6 +30,7 @@ from photostack.blocks.balancer._errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from photostack.blocks.balancer._exchange import Exchange, ExchangeSink
 from photostack.blocks.balancer._health import (
     TRANSITIONS,
     ActiveCheckConfig,
@@ -39,6 +42,7 @@ from photostack.blocks.balancer._health import (
 )
 from photostack.blocks.balancer._metrics import BalancerMetrics
 from photostack.blocks.balancer._pool import BackendPool, Clock
+from photostack.blocks.balancer._response import StreamedResponse
 from photostack.blocks.balancer._retry import (
     IDEMPOTENT_METHODS,
     FailureStage,
@@ -63,12 +67,8 @@ from photostack.blocks.balancer._strategy import (
     bounded_load_cap,
     make_strategy,
 )
-from photostack.blocks.balancer._upstream import (
-    StreamedResponse,
-    Upstream,
-    UpstreamHooks,
-    encode_request,
-)
+from photostack.blocks.balancer._upstream import Upstream, UpstreamHooks
+from photostack.blocks.balancer._wire import BodySource, encode_head, encode_request
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -83,11 +83,14 @@ __all__ = [
     "BalancerConfigError",
     "BalancerError",
     "BalancerMetrics",
+    "BodySource",
     "BoundedHash",
     "Candidate",
     "ClientConfig",
     "Clock",
     "ConnState",
+    "Exchange",
+    "ExchangeSink",
     "FailureStage",
     "HealthChecker",
     "HealthConfig",
@@ -119,6 +122,7 @@ __all__ = [
     "admin_dispatch",
     "bounded_load_cap",
     "check_once",
+    "encode_head",
     "encode_request",
     "failure_reason",
     "is_idempotent",

@@ -68,7 +68,12 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """One original request (not a retry)."""
-        self._requests[self._bucket()] += 1
+        second = int(self._clock())
+        index = second % len(self._epoch)
+        if self._epoch[index] == second:  # the usual case: this second's bucket is current
+            self._requests[index] += 1
+        else:
+            self._requests[self._bucket()] += 1
 
     def allowance(self) -> float:
         """How many retries the window allows in total right now."""

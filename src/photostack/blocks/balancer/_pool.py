@@ -27,6 +27,7 @@ Clock = Callable[[], float]
 Listener = Callable[[str, BackendState, BackendState], None]
 
 _EJECTED_STATES = frozenset({BackendState.DOWN, BackendState.PROBING})
+_UP = BackendState.UP
 
 
 class BackendPool:
@@ -129,27 +130,36 @@ class BackendPool:
         now = self._clock()
         slow_start = self.config.slow_start
         candidates: list[Candidate] = []
+        chosen: BackendHealth | None = None  # the candidate, while there is only one
         trial: BackendHealth | None = None
-        for health in self._healths.values():
+        for name, health in self._healths.items():
             state = health.state
-            if state is BackendState.UP:
-                if health.name in exclude:
+            if state is _UP:
+                if exclude and name in exclude:
                     continue
-                share = health.share(now, slow_start)
-                candidates.append(
-                    Candidate(health.name, health.weight * share, share, health.in_flight)
-                )
+                chosen = health if not candidates else None
+                if health.ramp_since is None and health.reported_weight is None:
+                    weight = health.backend.weight
+                    candidates.append(Candidate(name, weight, 1.0, health.in_flight))
+                else:
+                    share = health.share(now, slow_start)
+                    candidates.append(
+                        Candidate(name, health.weight * share, share, health.in_flight)
+                    )
             elif (
                 trial is None
                 and state is BackendState.DOWN
                 and not self.probe_by_checks
                 and now >= health.ejected_until
-                and health.name not in exclude
+                and name not in exclude
             ):
                 trial = health
         if trial is not None:
             self._apply(trial, HealthEvent.PROBE)
             return trial.backend
+        if chosen is not None:
+            # One candidate: every strategy picks it (nginx's "single peer" shortcut too).
+            return chosen.backend
         if candidates:
             return self._healths[self._strategy.choose(candidates, key)].backend
         left = [
@@ -168,8 +178,11 @@ class BackendPool:
 
     def record_success(self, backend: Backend) -> None:
         health = self._healths.get(backend.name)
-        if health is not None:
-            self._apply(health, HealthEvent.SUCCESS)
+        if health is None:
+            return
+        if health.state is _UP and health.consecutive_failures == 0:
+            return  # UP --SUCCESS--> UP with nothing to reset: the table's answer, without lookup
+        self._apply(health, HealthEvent.SUCCESS)
 
     def record_failure(self, backend: Backend) -> None:
         """A failed request blamed on ``backend``; may eject it (within the ejection cap)."""

@@ -71,6 +71,7 @@ class RetryVerdict(enum.Enum):
     MAY_HAVE_BEEN_PROCESSED = "may_have_been_processed"  # sent, and not safe to repeat
     DEADLINE = "deadline"  # the request's total deadline has passed
     BUDGET_EXHAUSTED = "budget_exhausted"
+    BODY_NOT_REPLAYABLE = "body_not_replayable"  # a streamed body was (partly) sent: gone
 
 
 def retry_verdict(
@@ -82,15 +83,21 @@ def retry_verdict(
     max_tries: int,
     time_left_s: float,
     budget_allows: Callable[[], bool],
+    body_replayable: bool = True,
 ) -> RetryVerdict:
     """The whole retry decision, in order: tries, safety, deadline, then the budget.
 
+    ``body_replayable`` is False for a request whose body was streamed from a source that
+    cannot be read twice: once it was sent, not even an idempotent request can be repeated.
     ``budget_allows`` is called (and spends one retry) only when everything else allows a retry.
     """
     if tries_done >= max_tries:
         return RetryVerdict.NO_TRIES_LEFT
-    if stage is FailureStage.AFTER_SEND and not is_idempotent(method, headers):
-        return RetryVerdict.MAY_HAVE_BEEN_PROCESSED
+    if stage is FailureStage.AFTER_SEND:
+        if not is_idempotent(method, headers):
+            return RetryVerdict.MAY_HAVE_BEEN_PROCESSED
+        if not body_replayable:
+            return RetryVerdict.BODY_NOT_REPLAYABLE
     if time_left_s <= 0:
         return RetryVerdict.DEADLINE
     if not budget_allows():

@@ -35,8 +35,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Candidate:
+    """One backend as a strategy sees it; a value (do not mutate). Not ``frozen``: one is
+    built per backend per request, and a frozen dataclass costs ~4x to construct."""
+
     name: str
     weight: float  # configured or reported weight times share
     share: float  # slow-start fraction in (0, 1]

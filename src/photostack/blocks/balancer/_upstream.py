@@ -11,15 +11,16 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from types import TracebackType
 
 from photostack.blocks.balancer._budget import RetryBudget
 from photostack.blocks.balancer._checker import HealthChecker
 from photostack.blocks.balancer._config import ClientConfig, key_function
-from photostack.blocks.balancer._connection import ConnectionPool, ResponseHead, UpstreamConnection
-from photostack.blocks.balancer._errors import NoBackendAvailable, UpstreamError, UpstreamTimeout
+from photostack.blocks.balancer._connpool import ConnectionPool
+from photostack.blocks.balancer._errors import NoBackendAvailable, UpstreamError
+from photostack.blocks.balancer._exchange import Exchange, ExchangeSink
 from photostack.blocks.balancer._health import Backend, BackendState
 from photostack.blocks.balancer._pool import BackendPool, Clock
+from photostack.blocks.balancer._response import StreamedResponse
 from photostack.blocks.balancer._retry import (
     FailureStage,
     RetryVerdict,
@@ -28,14 +29,19 @@ from photostack.blocks.balancer._retry import (
     retry_verdict,
 )
 from photostack.blocks.balancer._strategy import Strategy, StrategyName, make_strategy
+from photostack.blocks.balancer._wire import BodySource, encode_head, encode_request, send_body
 
-__all__ = ["ClientConfig", "StreamedResponse", "Upstream", "UpstreamHooks", "encode_request"]
+__all__ = [
+    "BodySource",
+    "ClientConfig",
+    "StreamedResponse",
+    "Upstream",
+    "UpstreamHooks",
+    "encode_head",
+    "encode_request",
+]
 
 log = logging.getLogger("photostack.balancer")
-
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# Framing and connection management belong to this hop; callers cannot set them.
-_MANAGED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
 
 class UpstreamHooks:
@@ -75,141 +81,6 @@ class _FanOut(UpstreamHooks):
             hook.on_budget_exhausted(backend, reason)
 
 
-def encode_request(
-    method: str,
-    target: str,
-    headers: Sequence[tuple[str, str]],
-    body: bytes,
-    *,
-    default_host: str,
-) -> bytes:
-    """Serialize one HTTP/1.1 request with a Content-Length body. Raises ValueError on CR/LF."""
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    has_host = False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered in _MANAGED_HEADERS:
-            continue
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
-            raise ValueError(f"invalid header {name!r}")
-        has_host = has_host or lowered == "host"
-        lines.append(f"{name}: {value}\r\n")
-    if not has_host:
-        lines.append(f"Host: {default_host}\r\n")
-    if body or method in _BODY_METHODS:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    head = "".join(lines).encode("latin-1")
-    return head + body if body else head
-
-
-class StreamedResponse:
-    """A response whose head has arrived; read its body with ``read_chunk`` or ``read_all``.
-
-    Always ``close()`` it (or use ``async with``): that returns the connection to the pool when
-    the body was read whole and drops it otherwise.
-    """
-
-    __slots__ = ("_backend", "_conn", "_done", "_head", "_pool", "_upstream")
-
-    def __init__(
-        self,
-        upstream: Upstream,
-        backend: Backend,
-        pool: ConnectionPool,
-        conn: UpstreamConnection,
-        head: ResponseHead,
-    ) -> None:
-        self._upstream = upstream
-        self._backend = backend
-        self._pool = pool
-        self._conn = conn
-        self._head = head
-        self._done = False
-
-    def __repr__(self) -> str:
-        return f"<StreamedResponse {self._head.status} from {self._backend.name}>"
-
-    @property
-    def status(self) -> int:
-        return self._head.status
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        return self._head.headers
-
-    @property
-    def backend(self) -> str:
-        return self._backend.name
-
-    @property
-    def content_length(self) -> int | None:
-        return self._head.content_length
-
-    @property
-    def chunked(self) -> bool:
-        return self._head.chunked
-
-    async def read_chunk(self, *, timeout_s: float | None = None) -> bytes | None:
-        """Body bytes as they arrive, None at the end. Raises UpstreamError subclasses."""
-        if self._done:
-            return None
-        try:
-            async with asyncio.timeout(timeout_s):
-                data = await self._conn.read_body()
-        except TimeoutError as exc:
-            self._finish(reusable=False, failed=True)
-            raise UpstreamTimeout(
-                "response body stalled", backend=self._backend.name, request_sent=True
-            ) from exc
-        except UpstreamError:
-            self._finish(reusable=False, failed=True)
-            raise
-        except BaseException:
-            self._finish(reusable=False, failed=False)
-            raise
-        if data is None:
-            self._finish(reusable=True, failed=False)
-        return data
-
-    async def read_all(self, *, deadline: float | None = None) -> bytes:
-        """The whole remaining body, by ``deadline`` (event-loop time) if given."""
-        parts: list[bytes] = []
-        loop = asyncio.get_running_loop()
-        while True:
-            timeout_s = None if deadline is None else max(0.0, deadline - loop.time())
-            data = await self.read_chunk(timeout_s=timeout_s)
-            if data is None:
-                return b"".join(parts)
-            parts.append(data)
-
-    def close(self) -> None:
-        """Release the connection; a body left unread makes it unusable, so it is dropped."""
-        if not self._done:
-            self._finish(reusable=False, failed=False)
-
-    async def __aenter__(self) -> StreamedResponse:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _finish(self, *, reusable: bool, failed: bool) -> None:
-        self._done = True
-        if reusable:
-            self._pool.release(self._conn)
-        else:
-            self._pool.discard(self._conn)
-        self._upstream.release(self._backend)
-        if failed:
-            self._upstream.pool.record_failure(self._backend)
-
-
 class Upstream:
     """Backends, their health, checks, connection pools, strategy, retry rule and budget."""
 
@@ -239,9 +110,30 @@ class Upstream:
         self._conn_pools = {b.name: self._conn_pool(b) for b in backends}
         self._checker: HealthChecker | None = None
         self._idle: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<Upstream {self.pool!r}>"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this upstream runs on (the running one, from the first use on)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def loop_time(self) -> float:
+        return self.loop.time()
+
+    def conn_pool(self, name: str) -> ConnectionPool:
+        """The keep-alive connections to backend ``name`` (KeyError if unknown)."""
+        return self._conn_pools[name]
+
+    @property
+    def conn_pools(self) -> dict[str, ConnectionPool]:
+        """Every backend's keep-alive connections, by name (read-only use)."""
+        return self._conn_pools
 
     def _make_strategy(self, name: StrategyName | str) -> Strategy:
         return make_strategy(name, rng=self._rng, hash_epsilon=self.config.hash_epsilon)
@@ -342,29 +234,59 @@ class Upstream:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def exchange(
+        self,
+        sink: ExchangeSink,
+        method: str,
+        target: str,
+        *,
+        headers: Sequence[tuple[str, str]],
+        request: bytes,
+        body_timeout_s: float = 60.0,
+    ) -> Exchange:
+        """A callback-driven request (see ``Exchange``); call ``start(timeout_s)`` on it.
+
+        ``request`` is the whole request as it goes on the wire (``encode_request``), with a
+        Host header; ``headers`` are its headers as given, for the retry rule and the hash key.
+        """
+        key = (
+            self._key_fn(target, headers) if self.pool.strategy.name is StrategyName.HASH else None
+        )
+        return Exchange(
+            self, sink, method, headers, request, key=key, body_timeout_s=body_timeout_s
+        )
+
     async def open(
         self,
         method: str,
         target: str,
         *,
         headers: Sequence[tuple[str, str]] = (),
-        body: bytes = b"",
+        body: bytes | BodySource = b"",
+        body_length: int | None = None,
         timeout_s: float | None = None,
     ) -> StreamedResponse:
         """Send the request, retrying per the rule, and return once a response head arrived.
 
+        ``body`` is bytes, or an async source of pieces that is read once, as it is sent, with
+        bounded memory: it goes out with ``Content-Length: body_length`` when given, else
+        chunked, and the source is awaited only while the connection's write buffer is below
+        its high-water mark. A streamed body makes a request retriable only until its first
+        byte was sent.
+
         Any HTTP status is a response. Raises NoBackendAvailable when no try reached a backend,
         UpstreamTimeout / UpstreamConnectError / UpstreamProtocolError when the last try failed
-        after the request may have been sent.
+        after the request may have been sent. An exception raised by the body source propagates
+        as it is (the connection is dropped).
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         config = self.config
         deadline = loop.time() + (config.request_timeout_s if timeout_s is None else timeout_s)
         self.budget.record_request()
-        max_tries = max_tries_for(len(self.pool), config.max_tries)
         key = (
             self._key_fn(target, headers) if self.pool.strategy.name is StrategyName.HASH else None
         )
+        replayable = isinstance(body, bytes)
         tried: list[str] = []
         last: UpstreamError | None = None
         while True:
@@ -379,7 +301,13 @@ class Upstream:
                 try_deadline = min(deadline, loop.time() + config.try_timeout_s)
             try:
                 return await self._try_once(
-                    backend, method, target, headers=headers, body=body, deadline=try_deadline
+                    backend,
+                    method,
+                    target,
+                    headers=headers,
+                    body=body,
+                    body_length=body_length,
+                    deadline=try_deadline,
                 )
             except UpstreamError as exc:
                 self.release(backend)
@@ -393,9 +321,10 @@ class Upstream:
                     headers=headers,
                     stage=stage,
                     tries_done=len(tried),
-                    max_tries=max_tries,
+                    max_tries=max_tries_for(len(self.pool), config.max_tries),
                     time_left_s=deadline - loop.time(),
                     budget_allows=self.budget.try_spend,
+                    body_replayable=replayable,
                 )
                 if verdict is RetryVerdict.RETRY:
                     self.hooks.on_retry(backend.name, reason)
@@ -416,26 +345,41 @@ class Upstream:
         target: str,
         *,
         headers: Sequence[tuple[str, str]],
-        body: bytes,
+        body: bytes | BodySource,
+        body_length: int | None,
         deadline: float,
     ) -> StreamedResponse:
-        data = encode_request(
-            method, target, headers, body, default_host=f"{backend.host}:{backend.port}"
-        )
+        default_host = f"{backend.host}:{backend.port}"
+        if isinstance(body, bytes):
+            data = encode_request(method, target, headers, body, default_host=default_host)
+        else:
+            data = encode_head(
+                method,
+                target,
+                headers,
+                default_host=default_host,
+                content_length=body_length,
+                chunked=body_length is None,
+            )
         pool = self._conn_pools[backend.name]
         conn = await pool.acquire(deadline)
+        timer: asyncio.TimerHandle | None = None
         try:
             conn.send(data, head_only=method == "HEAD")
-            async with asyncio.timeout_at(deadline):
-                head = await conn.read_head()
-        except TimeoutError as exc:
-            pool.discard(conn)
-            raise UpstreamTimeout(
-                "no response in time", backend=backend.name, request_sent=True
-            ) from exc
+            if not isinstance(body, bytes):
+                body_started = conn.loop.time()
+                await send_body(conn, body, chunked=body_length is None, length=body_length)
+                # The client's upload pace is not the backend's: the wait for the head starts now.
+                deadline += conn.loop.time() - body_started
+            # A timer rather than asyncio.timeout: no task lookup, no cancellation dance.
+            timer = conn.loop.call_at(deadline, conn.time_out_head)
+            head = await conn.read_head()
         except BaseException:
             pool.discard(conn)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         self.pool.record_success(backend)
         return StreamedResponse(self, backend, pool, conn, head)
 

@@ -137,6 +137,7 @@ class _FakeProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
+        self._owner.body_bytes_received += len(body)
 
     def on_message_complete(self) -> None:
         request = RecordedRequest(
@@ -186,6 +187,8 @@ class FakeBackend:
         self.handler = handler
         self.requests: list[RecordedRequest] = []
         self.connections_accepted = 0
+        # Request body bytes parsed so far, over all requests (grows while a body streams in).
+        self.body_bytes_received = 0
         self._protocols: set[_FakeProtocol] = set()
         self._server: asyncio.Server | None = None
         self._port = 0

@@ -13,19 +13,59 @@ import sys
 from pathlib import Path
 from typing import IO
 
-__all__ = ["AccessLog", "format_entry"]
-
-_SAFE = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
+__all__ = ["AccessLog", "entry_line", "format_entry"]
 
 
 def _js(value: str) -> str:
-    if all(c in _SAFE for c in value):
+    # Printable ASCII without quote or backslash needs no escaping (all C-level checks).
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
         return f'"{value}"'
     return json.dumps(value)
 
 
 def _num(value: float | None) -> str:
     return "null" if value is None else f"{value:.6f}"
+
+
+def entry_line(  # noqa: PLR0917 - positional on the hot path: no kwargs dict per request
+    time_s: float,
+    request_id: str,
+    client: str,
+    method: str,
+    path: str,
+    backend: str | None,
+    status: int,
+    bytes_in: int,
+    bytes_out: int,
+    upstream_connect_s: float | None,
+    upstream_first_byte_s: float | None,
+    total_s: float,
+    cache: str | None = None,
+) -> str:
+    """``format_entry`` with positional arguments, in that order."""
+    tail = "" if cache is None else f',"cache":{_js(cache)}'
+    text = f"{request_id}{client}{method}{path}{backend}"
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        # Nothing to escape (the usual line): one check instead of one per field.
+        quoted_backend = "null" if backend is None else f'"{backend}"'
+        connect = "null" if upstream_connect_s is None else f"{upstream_connect_s:.6f}"
+        first = "null" if upstream_first_byte_s is None else f"{upstream_first_byte_s:.6f}"
+        return (
+            f'{{"time":{time_s:.3f},"request_id":"{request_id}","client":"{client}",'
+            f'"method":"{method}","path":"{path}","backend":{quoted_backend},'
+            f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+            f'"upstream_connect_s":{connect},"upstream_first_byte_s":{first},'
+            f'"total_s":{total_s:.6f}{tail}}}\n'
+        )
+    return (
+        f'{{"time":{time_s:.3f},"request_id":{_js(request_id)},"client":{_js(client)},'
+        f'"method":{_js(method)},"path":{_js(path)},'
+        f'"backend":{"null" if backend is None else _js(backend)},"status":{status},'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+        f'"upstream_connect_s":{_num(upstream_connect_s)},'
+        f'"upstream_first_byte_s":{_num(upstream_first_byte_s)},"total_s":{total_s:.6f}'
+        f"{tail}}}\n"
+    )
 
 
 def format_entry(
@@ -45,16 +85,10 @@ def format_entry(
     cache: str | None = None,
 ) -> str:
     """One JSON line (with its newline)."""
-    tail = "" if cache is None else f',"cache":{_js(cache)}'
-    return (
-        f'{{"time":{time_s:.3f},"request_id":{_js(request_id)},"client":{_js(client)},'
-        f'"method":{_js(method)},"path":{_js(path)},'
-        f'"backend":{"null" if backend is None else _js(backend)},"status":{status},'
-        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-        f'"upstream_connect_s":{_num(upstream_connect_s)},'
-        f'"upstream_first_byte_s":{_num(upstream_first_byte_s)},"total_s":{total_s:.6f}'
-        f"{tail}}}\n"
-    )
+    return entry_line(
+        time_s, request_id, client, method, path, backend, status, bytes_in, bytes_out,
+        upstream_connect_s, upstream_first_byte_s, total_s, cache,
+    )  # fmt: skip
 
 
 class AccessLog:
@@ -65,6 +99,8 @@ class AccessLog:
         self._flush_bytes = flush_bytes
         self._parts: list[str] = []
         self._size = 0
+        self._ms = -1
+        self._time_text = ""
         self._handle: IO[str] | None = None
         if str(path) == "-":
             self._handle = sys.stderr
@@ -74,6 +110,49 @@ class AccessLog:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
             self._handle = os.fdopen(fd, "a", encoding="utf-8")
             self._owned = True
+
+    def add(  # noqa: PLR0917 - positional on the hot path
+        self,
+        time_s: float,
+        request_id: str,
+        client: str,
+        method: str,
+        path: str,
+        backend: str | None,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        upstream_first_byte_s: float | None,
+        total_s: float,
+        cache: str | None,
+    ) -> None:
+        """Format and buffer one entry (``upstream_connect_s`` null): ``write(entry_line(...))``
+        with the time text formatted once per millisecond (truncated, like nginx's $msec)."""
+        text = f"{request_id}{client}{method}{path}{backend}{cache}"
+        if not (text.isascii() and text.isprintable() and '"' not in text and "\\" not in text):
+            line = entry_line(
+                time_s, request_id, client, method, path, backend, status, bytes_in,
+                bytes_out, None, upstream_first_byte_s, total_s, cache,
+            )  # fmt: skip
+        else:
+            ms = int(time_s * 1000)
+            if ms != self._ms:
+                self._ms = ms
+                self._time_text = f"{ms / 1000:.3f}"
+            quoted_backend = "null" if backend is None else f'"{backend}"'
+            first = "null" if upstream_first_byte_s is None else f"{upstream_first_byte_s:.6f}"
+            tail = "" if cache is None else f',"cache":"{cache}"'
+            line = (
+                f'{{"time":{self._time_text},"request_id":"{request_id}","client":"{client}",'
+                f'"method":"{method}","path":"{path}","backend":{quoted_backend},'
+                f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+                f'"upstream_connect_s":null,"upstream_first_byte_s":{first},'
+                f'"total_s":{total_s:.6f}{tail}}}\n'
+            )
+        self._parts.append(line)
+        self._size += len(line)
+        if self._size >= self._flush_bytes:
+            self.flush()
 
     def write(self, line: str) -> None:
         self._parts.append(line)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from collections.abc import Callable
+from time import perf_counter, time
 from typing import TYPE_CHECKING
 
-from photostack.blocks.balancer import Upstream
-from photostack.blocks.proxy._accesslog import AccessLog, format_entry
+from photostack.blocks.balancer import Exchange, Upstream
+from photostack.blocks.proxy._accesslog import AccessLog
 from photostack.blocks.proxy._cache import Flights, MicroCache
 from photostack.blocks.proxy._config import ProxyConfig
 from photostack.blocks.proxy._metrics import ProxyMetrics
+from photostack.blocks.proxy._relay import RequestEncoder, ResponseEncoder
+from photostack.blocks.proxy._stream import small_body_limit
 
 if TYPE_CHECKING:
     from photostack.blocks.proxy._protocol import ClientConnection, Request
 
 __all__ = ["ProxyContext"]
+
+_MAX_TICK_S = 0.5
 
 
 class ProxyContext:
@@ -44,6 +49,18 @@ class ProxyContext:
         )
         self.flights = Flights() if config.collapse else None
         self.shares_responses = self.cache is not None or self.flights is not None
+        # The housekeeping tick: often enough for every timeout to fire within a quarter of it.
+        upstream_s = [config.upstream.request_timeout_s, config.upstream.try_timeout_s or math.inf]
+        self.tick_s = min(
+            _MAX_TICK_S, config.header_timeout_s / 4, config.client_timeout_s / 4,
+            config.stream_idle_timeout_s / 4, *(t / 4 for t in upstream_s),
+        )  # fmt: skip
+        self.head_deadline = self.idle_deadline = math.inf
+        self._set_deadlines(self.loop.time())
+        self.encoder = RequestEncoder(config.headers)
+        self.response_encoder = ResponseEncoder(config.headers)
+        self.small_body_bytes = small_body_limit(config)
+        self.request_timeout_s = config.upstream.request_timeout_s
         metrics.watch_features(self)
 
     def forget(self, conn: ClientConnection) -> None:
@@ -65,30 +82,47 @@ class ProxyContext:
         log = self.access_log
         if log is None:
             return
-        now = time.perf_counter()
-        log.write(
-            format_entry(
-                time_s=time.time(),
-                request_id=request_id,
-                client=conn.client_ip,
-                method=request.method,
-                path=request.target,
-                backend=backend,
-                status=status,
-                bytes_in=request.bytes_in,
-                bytes_out=bytes_out,
-                upstream_connect_s=None,
-                upstream_first_byte_s=None if first_byte is None else first_byte - request.started,
-                total_s=now - request.started,
-                cache=cache,
-            )
+        started = request.started
+        log.add(
+            time(),
+            request_id,
+            conn.client_ip,
+            request.method,
+            request.target,
+            backend,
+            status,
+            request.bytes_in,
+            bytes_out,
+            None if first_byte is None else first_byte - started,
+            perf_counter() - started,
+            cache,
         )
 
+    def _set_deadlines(self, now: float) -> None:
+        # Connections take their deadlines from here instead of reading the clock per request.
+        # ``now`` is up to one tick old, so one tick is added: a timeout T fires between T and
+        # T + 2 ticks after it started.
+        self.head_deadline = now + self.config.header_timeout_s + self.tick_s
+        self.idle_deadline = now + self.config.client_timeout_s + self.tick_s
+
     def tick(self) -> None:
-        """Housekeeping, a few times a second: close connections past their deadline, flush."""
+        """Housekeeping, a few times a second: close connections past their deadline, time out
+        upstream exchanges past theirs (no timer is armed per request), flush the log."""
         now = self.loop.time()
-        for conn in [c for c in self.connections if c.deadline <= now]:
+        self._set_deadlines(now)
+        late: list[ClientConnection] = []
+        waiting: list[Exchange] = []
+        for conn in self.connections:
+            if conn.deadline <= now:
+                late.append(conn)
+            else:
+                exchange = conn.exchange
+                if exchange is not None and exchange.deadline <= now:
+                    waiting.append(exchange)
+        for conn in late:
             conn.on_deadline()
+        for exchange in waiting:
+            exchange.expire(now)
         if self.access_log is not None:
             self.access_log.flush()
 

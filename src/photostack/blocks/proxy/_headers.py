@@ -69,13 +69,14 @@ def request_id_of(headers: Iterable[tuple[str, str]]) -> str | None:
 
 
 # 32 hex digits like a uuid4's, without a getrandom() call per request: a random per-process
-# prefix and a counter. Unique across processes (the prefix) and within one (the counter).
+# prefix and a counter. Unique across processes (the prefix) and within one (the counter). The
+# counter starts above 2**64 so that hex() always gives "0x1" and exactly 16 more digits.
 _ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_ID_COUNTER = itertools.count((1 << 64) + int.from_bytes(os.urandom(4), "big"))
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return _ID_PREFIX + hex(next(_ID_COUNTER))[3:]
 
 
 def upstream_headers(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import http
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from photostack.blocks.proxy._body import BodyStream
 
 __all__ = [
     "Reject",
@@ -10,6 +14,7 @@ __all__ = [
     "add_vary",
     "check_framing",
     "head_bytes",
+    "status_line",
     "too_large",
     "too_many_header_bytes",
 ]
@@ -22,8 +27,12 @@ _STATUS_LINES = {
 
 
 class Request:
+    """One parsed request. ``body`` is bytes, or a ``BodyStream`` still being read from the
+    client (a large or chunked upload); ``body_length`` is its Content-Length, if it had one."""
+
     __slots__ = (
         "body",
+        "body_length",
         "bytes_in",
         "headers",
         "http_1_0",
@@ -34,23 +43,24 @@ class Request:
         "target",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built positionally once per request
         self,
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: bytes,
-        *,
+        body: bytes | BodyStream,
         keep_alive: bool,
         http_1_0: bool,
         bytes_in: int,
         started: float,
+        body_length: int | None = None,
     ) -> None:
         self.method = method
         self.target = target
         self.path = target.partition("?")[0]
         self.headers = headers
         self.body = body
+        self.body_length = body_length
         self.keep_alive = keep_alive
         self.http_1_0 = http_1_0
         self.bytes_in = bytes_in
@@ -67,20 +77,24 @@ class Reject(Exception):
         self.message = message
 
 
-def check_framing(headers: list[tuple[str, str]], *, max_body_bytes: int, http_1_0: bool) -> None:
+def check_framing(
+    headers: list[tuple[str, str]], *, max_body_bytes: int, http_1_0: bool
+) -> int | None:
     """Refuse ambiguous request framing (request smuggling, RFC 9112 §6.3). Raises Reject.
 
-    llhttp already refuses most of this; the edge checks again so that no parser leniency can
-    ever reach a backend.
+    Returns the Content-Length, if the request has one. llhttp already refuses most of this;
+    the edge checks again so that no parser leniency can ever reach a backend.
     """
     lengths = 0
+    length: int | None = None
     chunked = False
     for name, value in headers:
         if len(name) == 14 and name.lower() == "content-length":
             lengths += 1
             if not value.strip().isdigit() or not value.strip().isascii():
                 raise Reject(400, "bad_framing", "invalid Content-Length")
-            if int(value) > max_body_bytes:
+            length = int(value)
+            if length > max_body_bytes:
                 raise too_large()
         elif len(name) == 17 and name.lower() == "transfer-encoding":
             if chunked or value.strip().lower() != "chunked":
@@ -92,6 +106,7 @@ def check_framing(headers: list[tuple[str, str]], *, max_body_bytes: int, http_1
         raise Reject(400, "bad_framing", "ambiguous request framing")
     if chunked and http_1_0:
         raise Reject(400, "bad_framing", "Transfer-Encoding in an HTTP/1.0 request")
+    return length
 
 
 def head_bytes(
@@ -108,8 +123,11 @@ def head_bytes(
     elif http_1_0:
         lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
-    status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode("latin-1")
-    return status_line + "".join(lines).encode("latin-1")
+    return status_line(status) + "".join(lines).encode("latin-1")
+
+
+def status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode("latin-1")
 
 
 def add_vary(headers: list[tuple[str, str]]) -> None:

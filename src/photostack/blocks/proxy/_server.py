@@ -20,7 +20,6 @@ from photostack.blocks.proxy._tls import server_context
 __all__ = ["ProxyServer", "serve_proxy"]
 
 _ABORT_GRACE_S = 1.0
-_MAX_TICK_S = 0.5
 
 
 class ProxyServer:
@@ -92,10 +91,7 @@ class ProxyServer:
             except BaseException:
                 self._server.close()
                 raise
-        tick_s = min(
-            _MAX_TICK_S, self.config.header_timeout_s / 4, self.config.client_timeout_s / 4
-        )
-        self._ticker = loop.create_task(_tick(ctx, tick_s))
+        self._ticker = loop.create_task(_tick(ctx, ctx.tick_s))
 
     def snapshot(self) -> list[dict[str, object]]:
         return self.upstream.snapshot()

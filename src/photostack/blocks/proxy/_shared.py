@@ -25,7 +25,7 @@ from photostack.blocks.proxy._policy import (
     is_shareable,
     stale_window_s,
 )
-from photostack.blocks.proxy._protocol import error_status
+from photostack.blocks.proxy._stream import error_status, relay
 
 if TYPE_CHECKING:
     from photostack.blocks.proxy._context import ProxyContext
@@ -138,7 +138,7 @@ async def _fetch_and_answer(ex: _Exchange) -> bool:
 
 async def _relay(ex: _Exchange, response: StreamedResponse, first_byte: float) -> bool:
     try:
-        return await ex.conn.relay(ex.request, response, ex.keep_alive, ex.request_id, first_byte)
+        return await relay(ex.conn, ex.request, response, ex.keep_alive, ex.request_id, first_byte)
     finally:
         response.close()
 
