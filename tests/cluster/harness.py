@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -22,9 +23,13 @@ READY_DEADLINE_S = 240.0
 
 
 def free_port_base() -> int:
-    """A port base whose public and internal ports (base .. base+60) are all free now."""
-    for base in range(17000, 30000, 100):
-        if all(_is_free(base + i) for i in (*range(0, 2), *range(10, 11), *range(20, 60))):
+    """A port base whose whole block (base .. base+199: public, control and every internal port
+    of the test topologies) is free now. Blocks start at a random offset so concurrent runs on
+    one machine rarely probe the same block first."""
+    blocks = list(range(17000, 30000, 200))
+    start = random.randrange(len(blocks))
+    for base in blocks[start:] + blocks[:start]:
+        if all(_is_free(base + i) for i in range(200)):
             return base
     raise RuntimeError("no free port range for a test cluster")
 
