@@ -286,7 +286,8 @@ def drill(  # noqa: PLR0917 - one parameter per flag, as click passes them
 ) -> None:
     """Run failure SCENARIO (or `all`) on the running cluster under load: expected vs observed.
 
-    Scenarios: web-node, app-node, cache-node, workers, latency (docs/chaos.md). Exit code 1
+    Scenarios: web-node, app-node, cache-node, workers, latency (docs/chaos.md), failover,
+    partition (docs/replication.md). Exit code 1
     when an expectation failed, 3 when the scenario asked for cannot run on this cluster.
     """
     from photostack.ops.client import ControlError, find_control_url
@@ -359,6 +360,90 @@ def directory_show(data_dir: Path, port_base: int | None, as_json: bool) -> None
                 f"    shard {shard['index']}: {shard['primary']['name']} ({replicas}), "
                 f"{owned} logical"
             )
+
+
+@cli.group()
+def reshard() -> None:
+    """Online resharding: add a shard, move a hot shard, watch, cancel (docs/resharding.md)."""
+
+
+def _echo_move(move: dict[str, Any]) -> None:
+    progress = move.get("progress", {})
+    figures = " ".join(
+        f"{k}={progress[k]}"
+        for k in ("copied", "replayed", "rows_moved", "moved_vs_ideal", "cutover_s", "duration_s")
+        if progress.get(k) is not None
+    )
+    new = move.get("new_shard") or {}
+    target = f" -> {new['name']}" if new else ""
+    click.echo(
+        f"move {move['id']}: {move['kind']} {move['group']}{target}: {move['state']}, "
+        f"{move['moves']} of {move['logical_shards']} logical shards"
+        + (f" ({figures})" if figures else "")
+        + (f"; last error: {move['error']}" if move.get("error") else "")
+    )
+
+
+@reshard.command(name="add-shard")
+@click.argument("group")
+@_data_dir_option
+@_port_base_option
+def reshard_add_shard(group: str, data_dir: Path, port_base: int | None) -> None:
+    """Start a new primary for GROUP and move ~1/(n+1) of its logical shards to it, online."""
+    move = _control(
+        data_dir,
+        port_base,
+        lambda c: c.request("POST", f"/v1/reshard/{group}/add-shard"),
+        timeout_s=180.0,
+    )
+    _echo_move(move)
+
+
+@reshard.command(name="hot-shard")
+@click.argument("group")
+@_data_dir_option
+@_port_base_option
+def reshard_hot_shard(group: str, data_dir: Path, port_base: int | None) -> None:
+    """Measure GROUP's per-shard load and move logical shards off the hottest onto the coolest."""
+    move = _control(
+        data_dir, port_base, lambda c: c.request("POST", f"/v1/reshard/{group}/hot-shard")
+    )
+    load = move.get("load", {})
+    click.echo(f"load (tx/s): {load.get('tps')} skew={load.get('skew')}")
+    _echo_move(move)
+
+
+@reshard.command(name="status")
+@_data_dir_option
+@_port_base_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def reshard_status(data_dir: Path, port_base: int | None, as_json: bool) -> None:
+    """Recent moves (newest first) and each group's per-shard load and skew."""
+    status = _control(data_dir, port_base, lambda c: c.request("GET", "/v1/reshard"))
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    click.echo(f"shard map version {status['map_version']}")
+    for load in status["load"]:
+        click.echo(
+            f"  {load['group']}: tx/s per shard {load['tps']}, "
+            f"photostack_shard_skew={load['skew']} (hottest: shard {load['hottest']})"
+        )
+    for move in status["moves"]:
+        _echo_move(move)
+    if not status["moves"]:
+        click.echo("no moves yet")
+
+
+@reshard.command(name="cancel")
+@_data_dir_option
+@_port_base_option
+def reshard_cancel(data_dir: Path, port_base: int | None) -> None:
+    """Roll the move in progress back to the old placement (only before its cut-over)."""
+    move = _control(
+        data_dir, port_base, lambda c: c.request("POST", "/v1/reshard/cancel"), timeout_s=180.0
+    )
+    _echo_move(move)
 
 
 def _control(data_dir: Path, port_base: int | None, call: Any, timeout_s: float = 10.0) -> Any:

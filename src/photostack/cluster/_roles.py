@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from photostack.cluster.engines import PostgresEngine
+from photostack.cluster.engines import EngineError, PostgresEngine
 from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
 from photostack.cluster.topology import PRODUCT_GROUPS, Role
@@ -67,7 +67,46 @@ class RoleKeeper:
         self.supervisor = supervisor
         self.is_ready = is_ready
         self.hold_s = hold_s
+        self.rejoin_deadline_s = 120.0
+        self.background: set[asyncio.Task[list[str]]] = set()
+        self._reconciling = asyncio.Lock()
+        self._mismatched: dict[str, int] = {}  # node -> rounds in a row it ran demoted
         self.rejoins = 0
+
+    async def _newest_map(self) -> dict[str, Any] | None:
+        """The newest map any ready directory node serves: a node refreshes from the database
+        every 0.5 s, and acting on a stale map would demote the primary just promoted."""
+        nodes = [
+            n
+            for n in self.supervisor.nodes.values()
+            if n.spec.role is Role.DIRECTORY and n.lifecycle.state is NodeState.READY
+        ]
+        best: dict[str, Any] | None = None
+        async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+            for node in nodes:
+                try:
+                    answer = await client.get(f"http://{node.spec.address}/v1/map")
+                    body = answer.json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                if answer.status_code == 200 and (
+                    best is None or int(body["version"]) > int(best["version"])
+                ):
+                    best = body
+        return best
+
+    async def _leader_view(self) -> dict[str, Any] | None:
+        """The leading coordinator's ``GET /v1/coordinator`` (followers keep no shard phases)."""
+        views = []
+        for node in self.supervisor.nodes.values():
+            if node.spec.role is not Role.DIRECTORY or node.lifecycle.state is not NodeState.READY:
+                continue
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+                    answer = await client.get(f"http://{node.spec.address}/v1/coordinator")
+                if answer.status_code == 200:
+                    views.append(answer.json())
+        return next((v for v in views if v.get("leader")), None)
 
     async def _ask(self, method: str, path: str, timeout_s: float = _TIMEOUT_S) -> Any:
         """The first ready directory node's JSON answer (any status), or None."""
@@ -103,6 +142,30 @@ class RoleKeeper:
             engine.follow(*address)
         return not engine.standby_on_disk
 
+    async def _rejoin(self, node: ManagedNode, engine: PostgresEngine, primary: str) -> bool:
+        """Rebuild ``node``'s PGDATA as a standby of ``primary`` (pg_rewind, else a base
+        backup), retried while the new primary comes up; True when done."""
+        deadline = time.monotonic() + self.rejoin_deadline_s
+        while time.monotonic() < deadline:
+            target = self.supervisor.nodes.get(primary)
+            if target is not None and target.lifecycle.state is NodeState.READY:
+                try:
+                    await asyncio.to_thread(engine.prepare)
+                except EngineError as exc:
+                    log.warning("%s: rejoin failed (%s); retrying", node.name, exc)
+                    self._follow(engine, primary)  # prepare cleared the flag; set it again
+                else:
+                    self.rejoins += 1
+                    log.warning(
+                        "%s rejoined as a replica of %s (%s)",
+                        node.name,
+                        primary,
+                        engine.rejoined_by or "base backup",
+                    )
+                    return True
+            await asyncio.sleep(0.5)  # the new primary is (re)starting
+        return False
+
     async def before_launch(self, node: ManagedNode) -> None:
         """Make a restarting storage node take the role the map gives it (see the module)."""
         engine = self._storage(node)
@@ -110,45 +173,55 @@ class RoleKeeper:
             return
         deadline = time.monotonic() + self.hold_s
         while True:
-            answer = await self._ask("GET", "/v1/map")
-            wanted = desired_role(answer["body"], node.name) if answer else None
+            newest = await self._newest_map()
+            wanted = desired_role(newest, node.name) if newest else None
             if wanted is None:
                 return
             role, primary, shard, replicas = wanted
             if role == "replica":
                 if self._follow(engine, primary):
-                    self.rejoins += 1
                     log.warning("%s rejoins %s as a replica of %s", node.name, shard, primary)
+                    await self._rejoin(node, engine, primary)
                 return
             if replicas == 0 or engine.standby_on_disk or time.monotonic() > deadline:
                 return
-            state = await self._ask("GET", "/v1/coordinator")
-            phase = (state or {}).get("body", {}).get("shards", {}).get(shard, {}).get("phase")
+            state = await self._leader_view()
+            phase = (state or {}).get("shards", {}).get(shard, {}).get("phase")
             if state is None or phase == "no_candidate":
                 return
             await asyncio.sleep(0.2)  # the coordinator is failing the shard over
 
     async def reconcile_once(self) -> list[str]:
         """Rejoin every running node the map demoted; the names rejoined."""
-        answer = await self._ask("GET", "/v1/map")
-        if answer is None:
+        async with self._reconciling:
+            return await self._reconcile()
+
+    async def _reconcile(self) -> list[str]:
+        newest = await self._newest_map()
+        if newest is None:
             return []
         done = []
+        mismatched: dict[str, int] = {}
         for node in list(self.supervisor.nodes.values()):
             engine = self._storage(node)
             if engine is None or node.lifecycle.state is not NodeState.READY:
                 continue
-            wanted = desired_role(answer["body"], node.name)
-            if wanted is None or wanted[0] != "replica":
+            wanted = desired_role(newest, node.name)
+            if wanted is None or wanted[0] != "replica" or engine.standby_on_disk:
                 continue
-            if not self._follow(engine, wanted[1]):
+            # A replica being promoted right now is a primary on disk before the map says so:
+            # act only on a mismatch seen in two rounds in a row (a failover takes < 0.5 s).
+            mismatched[node.name] = self._mismatched.get(node.name, 0) + 1
+            if mismatched[node.name] < 2 or not self._follow(engine, wanted[1]):
                 continue
             log.warning("%s runs as a primary but the map says replica: rejoining", node.name)
             with contextlib.suppress(CommandRefused):
                 await self.supervisor.stop(node.name)
-                self.rejoins += 1
+                await self._rejoin(node, engine, wanted[1])
                 await self.supervisor.start(node.name)
                 done.append(node.name)
+                mismatched.pop(node.name, None)
+        self._mismatched = mismatched
         return done
 
     async def run(self) -> None:
@@ -164,17 +237,16 @@ class RoleKeeper:
 def replication_routes(keeper: RoleKeeper) -> list[Route]:
     async def failover(request: Request) -> Response:
         shard = request.path_params["shard"]
-        answer = await keeper._ask(
-            "POST", f"/v1/coordinator/failover/{shard}", _FAILOVER_TIMEOUT_S
-        )
+        answer = await keeper._ask("POST", f"/v1/coordinator/failover/{shard}", _FAILOVER_TIMEOUT_S)
         if answer is None:
             return _JSON(
                 {"error": {"code": "unavailable", "message": "no directory node answered"}},
                 status_code=503,
             )
-        if answer["status"] == 200:
-            with contextlib.suppress(Exception):
-                answer["body"]["rejoined"] = await keeper.reconcile_once()
+        if answer["status"] == 200:  # rejoin the old primary now (in the background)
+            task = asyncio.create_task(keeper.reconcile_once())
+            keeper.background.add(task)
+            task.add_done_callback(keeper.background.discard)
         return _JSON(answer["body"], status_code=answer["status"])
 
     async def replication(request: Request) -> Response:

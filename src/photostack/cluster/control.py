@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -20,8 +21,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from photostack.cluster._roles import RoleKeeper, replication_routes
 from photostack.cluster.membership import Membership, MembershipError, pool_routes
 from photostack.cluster.ops_routes import ops_routes
+from photostack.cluster.reshard_ops import ReshardControl, reshard_routes
 from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
 
@@ -66,6 +69,11 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
     )
     membership = Membership(supervisor)
     supervisor.on_ready = membership.on_ready
+    roles = RoleKeeper(supervisor, lambda: info.ready)  # failover: follow the map (_roles.py)
+    supervisor.before_launch = roles.before_launch
+    supervisor.watchers.append(roles.run)
+    reshard = ReshardControl(supervisor, Path(info.data_dir))  # docs/resharding.md
+    supervisor.watchers.append(reshard.resume)
 
     def node_or_404(name: str) -> ManagedNode:
         node = supervisor.nodes.get(name)
@@ -150,6 +158,8 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
             Route("/v1/nodes/{name}/{command}", node_command, methods=["POST"]),
             *pool_routes(membership),
             *ops_routes(supervisor),
+            *replication_routes(roles),
+            *reshard_routes(reshard),
         ],
         exception_handlers={HTTPException: http_error},
     )

@@ -24,10 +24,11 @@ _TIMEOUT_S = 1.0
 
 async def collect(node: ManagedNode) -> dict[str, Any]:
     spec = node.spec
-    if spec.role is Role.STORAGE:
-        if spec.replica_of is None:
+    if spec.role is Role.STORAGE:  # roles change at a failover: ask the server what it is now
+        replica = await _replica(spec.host, spec.port)
+        if replica.get("in_recovery") is False:
             return await _primary(spec.host, spec.port)
-        return await _replica(spec.host, spec.port)
+        return replica
     if spec.role is Role.CACHE:
         return await _redis(spec.host, spec.port)
     if spec.role is Role.DIRECTORY:
@@ -76,7 +77,18 @@ async def _primary(host: str, port: int) -> dict[str, Any]:
         return {"error": str(exc)}
     return {
         "replicas": {str(r["application_name"]): f"{r['state']}/{r['sync_state']}" for r in rows},
+        "lag_bytes": {str(r["application_name"]): _lag(r) for r in rows},  # replication.md
     }
+
+
+def _lag(row: dict[str, str | None]) -> int | None:
+    """Bytes of WAL sent but not replayed yet (docs/replication.md)."""
+    from photostack.blocks.storage import parse_lsn
+
+    sent, replay = row.get("sent_lsn"), row.get("replay_lsn")
+    if not sent or not replay:
+        return None
+    return max(0, parse_lsn(sent) - parse_lsn(replay))
 
 
 async def _replica(host: str, port: int) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from photostack.cluster.engines import (
 )
 from photostack.cluster.engines.base import Engine, ProcessSpec
 from photostack.cluster.nodes import NodeProcessConfig, PhotostackNodeEngine
+from photostack.cluster.reshard_ops import added_storage_nodes
 from photostack.cluster.state import NodeLifecycle
 from photostack.cluster.supervisor import ManagedNode
 from photostack.cluster.topology import (
@@ -271,6 +272,9 @@ def build(
         )
         for node in lay.nodes
     ]
+    # shards `photostack reshard add-shard` created (their data and tables exist already)
+    added = added_storage_nodes(data.root, nodes)
+    nodes += added
 
     primaries = [n for n in lay.nodes if n.is_primary]
 
@@ -294,7 +298,9 @@ def build(
 
     phases = [
         Phase("chaos", names(Role.CHAOS)),  # links listen before any consumer connects
-        Phase("storage primaries", [n.name for n in primaries], init_storage),
+        Phase(
+            "storage primaries", [n.name for n in primaries] + [n.name for n in added], init_storage
+        ),
         Phase("storage replicas", [n.name for n in lay.nodes if n.replica_of]),
         Phase("directory", names(Role.DIRECTORY)),
         Phase("media", names(Role.MEDIA)),  # uploads need both origins (docs/media.md)

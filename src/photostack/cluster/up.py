@@ -80,6 +80,7 @@ async def _run(lay: Layout, data: DataDir, out: Out) -> int:
         data_dir=str(data.root),
         urls={
             "api": f"http://{host}:{lay.api_port}",
+            "static": f"http://{host}:{lay.static_port}",  # the CDN edge (docs/media.md)
             "dashboard": f"http://{host}:{lay.control_port}",
         },
     )
@@ -138,6 +139,7 @@ async def _start(supervisor: Supervisor, phases: list[plan.Phase], lay: Layout) 
 
 def _check_ports(lay: Layout) -> None:
     wanted = [(n.name, n.host, n.port) for n in lay.nodes]
+    wanted += [(n.name, n.host, n.admin_port) for n in lay.nodes if n.admin_port is not None]
     wanted.append(("control", lay.topology.host, lay.control_port))
     for name, host, port in wanted:
         try:

@@ -19,6 +19,8 @@ import click
 from photostack.ops._bench_balancer import run_balancer_suite
 from photostack.ops._bench_cache import run_cache_suite
 from photostack.ops._bench_cache_product import run_cache_product_suite
+from photostack.ops._bench_cdn import run_cdn_suite
+from photostack.ops._bench_failover import run_failover_suite
 from photostack.ops._bench_pathrun import _finite, run_path_suite
 from photostack.ops._bench_proxy import run_proxy_suite
 from photostack.ops._bench_queue import run_queue_suite
@@ -58,6 +60,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("queue", "Queue tasks/s enqueue->done: Postgres, RabbitMQ vs PgQueuer", run_queue_suite),
     Suite("cacheproduct", "Ring cost, DB load on cache kill, hit RR/hash", run_cache_product_suite),
     Suite("uploads", "Upload-to-thumbnail latency p50/p99 vs Pillow in-process", run_uploads_suite),
+    Suite("cdn", "A cached 10 KB object: CDN edge vs nginx serving the file", run_cdn_suite),
+    Suite("failover", "Primary kill: writes resume p50/max, loss; reads; sync", run_failover_suite),
 )
 
 

@@ -20,9 +20,11 @@ import httpx
 from photostack.blocks.chaos import netns_capability
 from photostack.ops._drill_base import DrillContext, DrillOptions, Scenario
 from photostack.ops._drill_control import AsyncControl
+from photostack.ops._drill_failover import FAILOVER
 from photostack.ops._drill_latency import LATENCY
 from photostack.ops._drill_model import Outcome, ScenarioResult
 from photostack.ops._drill_nodes import APP_NODE, CACHE_NODE, WEB_NODE
+from photostack.ops._drill_partition import PARTITION
 from photostack.ops._drill_workers import WORKERS
 from photostack.ops.client import ControlError
 
@@ -49,6 +51,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     CACHE_NODE,
     WORKERS,
     LATENCY,
+    FAILOVER,
+    PARTITION,
 )
 
 Out = Callable[[str], None]

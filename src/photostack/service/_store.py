@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -20,6 +20,7 @@ from photostack.blocks.storage import ShardRouter
 
 from ._codec import Cursor, format_time, new_id
 from ._events import EventStore, follower_event_data
+from .directory import NO_GUARD, OwnershipGuard
 
 __all__ = [
     "DomainError",
@@ -33,6 +34,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     Pool = asyncpg.Pool[asyncpg.Record]
+
+T = TypeVar("T")
 
 
 class DomainError(Exception):
@@ -84,9 +87,36 @@ def _user_json(row: asyncpg.Record) -> dict[str, Any]:
 class UserStore:
     """Users and follows; every method is a few single-shard statements, run concurrently."""
 
-    def __init__(self, router: ShardRouter[Pool], events: EventStore | None = None) -> None:
+    def __init__(
+        self,
+        router: ShardRouter[Pool],
+        events: EventStore | None = None,
+        *,
+        reads: ShardRouter[Any] | None = None,
+        guard: OwnershipGuard = NO_GUARD,
+    ) -> None:
         self._router = router
         self._events = events  # follow produces follower.new to the followee when set
+        # Every write runs in a transaction behind the ownership fence (directory/_guard.py): a
+        # shard that gave the key's logical shard away (a reshard) answers "wrong shard".
+        self._guard = guard
+        # Reads: replicas within their group's lag bound, else the primary (replication.md).
+        self._reads: ShardRouter[Any] = reads if reads is not None else router
+
+    async def _guarded(
+        self, group: str, keys: Sequence[str], action: Callable[[Any], Awaitable[T]]
+    ) -> T:
+        """``action(conn)`` in one transaction on the shard of ``keys[0]``, every key's ownership
+        verified first (the keys share that shard); retried on a refreshed map."""
+
+        async def attempt() -> T:
+            pool = self._router.shard_for(group, keys[0])
+            async with pool.acquire() as conn, conn.transaction():
+                for key in keys:
+                    await self._guard.verify(conn, group, key)
+                return await action(conn)
+
+        return await self._guard.retrying(attempt)
 
     # -- users ---------------------------------------------------------------------------------
 
@@ -103,19 +133,29 @@ class UserStore:
             "INSERT INTO users (id, username, display_name) VALUES ($1, $2, $3) "
             "RETURNING id, username, display_name, created_at"
         )
-        if claim_pool is user_pool:  # one shard: claim and row commit together
-            async with claim_pool.acquire() as conn, conn.transaction():
-                if await conn.fetchval(claim_sql, username, user_id) is None:
-                    raise UsernameTakenError(username)
-                row = await conn.fetchrow(insert_sql, user_id, username, display_name)
-        else:  # claim first (the unique point), release it if the row cannot be written
-            if await claim_pool.fetchval(claim_sql, username, user_id) is None:
+        async def claim(conn: Any) -> None:
+            if await conn.fetchval(claim_sql, username, user_id) is None:
                 raise UsernameTakenError(username)
+
+        async def insert(conn: Any) -> asyncpg.Record | None:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                insert_sql, user_id, username, display_name
+            )
+            return row
+
+        async def both(conn: Any) -> asyncpg.Record | None:
+            await claim(conn)
+            return await insert(conn)
+
+        if claim_pool is user_pool:  # one shard: claim and row commit together
+            row = await self._guarded("users", (username, user_id), both)
+        else:  # claim first (the unique point), release it if the row cannot be written
+            await self._guarded("users", (username,), claim)
             try:
-                row = await user_pool.fetchrow(insert_sql, user_id, username, display_name)
+                row = await self._guarded("users", (user_id,), insert)
             except BaseException:
                 await asyncio.shield(
-                    claim_pool.execute(
+                    self._router.shard_for("users", username).execute(
                         "DELETE FROM usernames WHERE username = $1 AND user_id = $2",
                         username,
                         user_id,
@@ -134,7 +174,7 @@ class UserStore:
 
     async def get_user_by_username(self, username: str) -> dict[str, Any]:
         """Raises UserNotFoundError."""
-        pool = self._router.shard_for("users", username)
+        pool = self._reads.shard_for("users", username)
         user_id = await pool.fetchval("SELECT user_id FROM usernames WHERE username = $1", username)
         if user_id is None:
             raise UserNotFoundError(username)
@@ -163,8 +203,8 @@ class UserStore:
         return out
 
     async def _fetch_users(self, ids: Sequence[str]) -> dict[str, asyncpg.Record]:
-        shards = self._router.shards("users")
-        parts = self._router.split_by_shard("users", ids)
+        shards = self._reads.shards("users")
+        parts = self._reads.split_by_shard("users", ids)
         results = await asyncio.gather(
             *(
                 shards[index].fetch(
@@ -180,8 +220,8 @@ class UserStore:
     async def _counts(
         self, group: str, table: str, column: str, ids: Sequence[str]
     ) -> dict[str, int]:
-        shards = self._router.shards(group)
-        parts = self._router.split_by_shard(group, ids)
+        shards = self._reads.shards(group)
+        parts = self._reads.split_by_shard(group, ids)
         # table/column come from this module's constants, never from input
         sql = (
             f"SELECT {column} AS key, count(*) AS n FROM {table} "  # noqa: S608
@@ -209,28 +249,38 @@ class UserStore:
         if user_id == target_id:
             raise SelfFollowError(user_id)
         found = await self._require_users(user_id, target_id)
-        forward = self._router.shard_for("social", user_id)
-        created_at: datetime | None = await forward.fetchval(
-            "INSERT INTO following (user_id, target_id) VALUES ($1, $2) "
-            "ON CONFLICT (user_id, target_id) DO NOTHING RETURNING created_at",
-            user_id,
-            target_id,
-        )
-        if created_at is None:
-            created_at = await forward.fetchval(
-                "SELECT created_at FROM following WHERE user_id = $1 AND target_id = $2",
+
+        async def forward(conn: Any) -> datetime | None:
+            made: datetime | None = await conn.fetchval(
+                "INSERT INTO following (user_id, target_id) VALUES ($1, $2) "
+                "ON CONFLICT (user_id, target_id) DO NOTHING RETURNING created_at",
                 user_id,
                 target_id,
             )
-            if created_at is None:  # unfollowed concurrently: that later request wins
-                return
-        await self._router.shard_for("social", target_id).execute(
-            "INSERT INTO followers (user_id, follower_id, created_at) VALUES ($1, $2, $3) "
-            "ON CONFLICT (user_id, follower_id) DO NOTHING",
-            target_id,
-            user_id,
-            created_at,
-        )
+            if made is None:  # None again: unfollowed concurrently, that later request wins
+                made = await conn.fetchval(
+                    "SELECT created_at FROM following WHERE user_id = $1 AND target_id = $2",
+                    user_id,
+                    target_id,
+                )
+            return made
+
+        created_at = await self._guarded("social", (user_id,), forward)
+        if created_at is None:
+            return
+
+        stamp: datetime = created_at
+
+        async def reverse(conn: Any) -> None:
+            await conn.execute(
+                "INSERT INTO followers (user_id, follower_id, created_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (user_id, follower_id) DO NOTHING",
+                target_id,
+                user_id,
+                stamp,
+            )
+
+        await self._guarded("social", (target_id,), reverse)
         if self._events is not None:  # keyed by the edge: a repeat call produces it at most once
             await self._events.produce(
                 target_id,
@@ -241,12 +291,19 @@ class UserStore:
 
     async def unfollow(self, user_id: str, target_id: str) -> None:
         """Idempotent. Deletes the reverse edge first, then the forward edge."""
-        await self._router.shard_for("social", target_id).execute(
-            "DELETE FROM followers WHERE user_id = $1 AND follower_id = $2", target_id, user_id
-        )
-        await self._router.shard_for("social", user_id).execute(
-            "DELETE FROM following WHERE user_id = $1 AND target_id = $2", user_id, target_id
-        )
+
+        async def reverse(conn: Any) -> None:
+            await conn.execute(
+                "DELETE FROM followers WHERE user_id = $1 AND follower_id = $2", target_id, user_id
+            )
+
+        async def forward(conn: Any) -> None:
+            await conn.execute(
+                "DELETE FROM following WHERE user_id = $1 AND target_id = $2", user_id, target_id
+            )
+
+        await self._guarded("social", (target_id,), reverse)
+        await self._guarded("social", (user_id,), forward)
 
     async def list_edges(
         self, kind: EdgeKind, user_id: str, limit: int, after: Cursor | None
@@ -255,7 +312,7 @@ class UserStore:
 
         Raises UserNotFoundError.
         """
-        pool = self._router.shard_for("social", user_id)
+        pool = self._reads.shard_for("social", user_id)
         table, other = kind.table, kind.other
         base = f"SELECT {other} AS other, created_at FROM {table} WHERE user_id = $1"  # noqa: S608
         order = f" ORDER BY created_at DESC, {other} DESC LIMIT $2"

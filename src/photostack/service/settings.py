@@ -102,6 +102,13 @@ class AppSettings:
     queue_name: str = "media"
     queue_max_length: int = 100_000
     feed: dict[str, Any] = field(default_factory=dict)
+    # Replication (docs/replication.md): group -> {"replication", "consistency",
+    # "max_replica_lag_s"}; a group missing here reads from its primary only, cp.
+    replication: dict[str, Any] = field(default_factory=dict)
+    # Media (docs/media.md): the origins every upload is written to (photostack.blocks.media
+    # MediaClient), and the CDN edge's internal purge listener (None: no CDN to purge).
+    media_nodes: tuple[Peer, ...] = ()
+    cdn_purge: Peer | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -127,6 +134,9 @@ class AppSettings:
             **{k: raw[k] for k in _APP_DIRECTORY_FIELDS if k in raw},
             caching=raw.get("caching", {}),
             **{k: raw[k] for k in _APP_UPLOAD_FIELDS if k in raw},
+            replication=raw.get("replication", {}),
+            media_nodes=tuple(Peer(**p) for p in raw.get("media_nodes", ())),
+            cdn_purge=Peer(**raw["cdn_purge"]) if raw.get("cdn_purge") else None,
         )
 
 

@@ -56,7 +56,8 @@ Hook = Callable[[], Awaitable[None]]
 UserIdParam = Annotated[str, Path(description="an opaque user id")]
 LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="page size, 1-100")]
 CursorParam = Annotated[str | None, Query(description="next_cursor of the previous page")]
-_FORWARDED_HEADERS = ("retry-after", "x-cache")  # X-Cache: hit|miss of cached reads
+# X-Cache: hit|miss of cached reads; X-Read-After / X-Data-Stale: docs/replication.md
+_FORWARDED_HEADERS = ("retry-after", "x-cache", "x-read-after", "x-data-stale")
 
 
 class WebNode:
@@ -102,6 +103,9 @@ class WebNode:
     async def call(self, request: Request, method: str, path: str, body: bytes = b"") -> AppReply:
         """One request to the app tier. Raises ApiError 503 ``app_unavailable``."""
         headers = [("x-request-id", str(request.state.request_id))]
+        read_after = request.headers.get("x-read-after")  # read-your-writes token
+        if read_after:
+            headers.append(("x-read-after", read_after[:2048]))
         if body:
             headers.append(("content-type", JSON_MEDIA_TYPE))
         try:
@@ -254,7 +258,9 @@ def _add_user_routes(app: FastAPI, node: WebNode) -> None:
             return node.relay(reply)
         user = json.loads(reply.body)
         user["token"] = node.signer.issue(user["id"])
-        return JsonResponse(user, status_code=201, headers={"X-Served-By": node.served_by(reply)})
+        headers = {"X-Served-By": node.served_by(reply)}
+        headers.update((k, v) for k, v in reply.headers if k.lower() == "x-read-after")
+        return JsonResponse(user, status_code=201, headers=headers)
 
     @app.get("/v1/users/by-username/{username}")
     async def get_user_by_username(request: Request, username: str) -> Response:

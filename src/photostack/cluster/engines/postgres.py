@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import asyncpg
@@ -144,6 +144,8 @@ class PostgresEngine:
     def __init__(self, config: PostgresConfig) -> None:
         self._config = config
         self._pgdata = config.pgdata.absolute()
+        self._rejoin = False  # set by follow(): the next prepare turns PGDATA into a standby's
+        self.rejoined_by = ""  # "pg_rewind" | "pg_basebackup" after a rejoin (status, tests)
 
     def __repr__(self) -> str:
         role = "replica" if self.is_replica else "primary"
@@ -165,6 +167,19 @@ class PostgresEngine:
         """URL of this node's database ``dbname``."""
         return postgres_dsn(self._config.host, self._config.port, dbname)
 
+    @property
+    def standby_on_disk(self) -> bool:
+        """PGDATA starts as a standby (``standby.signal``); False for a primary's or none."""
+        return (self._pgdata / "standby.signal").is_file()
+
+    def follow(self, host: str, port: int) -> None:
+        """From now on a streaming replica of ``host:port`` (after a failover made another node
+        primary). When PGDATA is a primary's, the next :meth:`prepare` rejoins it: pg_rewind
+        (keeps what is shared, needs ``wal_log_hints``), else a fresh base backup. The old
+        primary therefore never starts as a primary again."""
+        self._config = replace(self._config, primary=(host, port))
+        self._rejoin = (self._pgdata / "PG_VERSION").is_file() and not self.standby_on_disk
+
     def prepare(self) -> None:
         """Check the port, create PGDATA if missing, rewrite our settings. Raises EngineError.
 
@@ -172,6 +187,9 @@ class PostgresEngine:
         first.
         """
         ensure_port_free(self._config.host, self._config.port)
+        if self._rejoin and self._config.primary is not None:
+            self._rejoin_as_standby(*self._config.primary)
+            self._rejoin = False
         if not (self._pgdata / "PG_VERSION").is_file():
             if self._config.primary is None:
                 self._initdb()
@@ -295,6 +313,35 @@ class PostgresEngine:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    def _rejoin_as_standby(self, host: str, port: int) -> None:
+        """A former primary's PGDATA -> a standby of ``host:port``: pg_rewind, or else a fresh
+        base backup. Raises EngineError when neither works."""
+        conninfo = f"host={host} port={port} user={SUPERUSER} application_name={self.name}"
+        try:
+            self._run_tool(
+                [
+                    str(self._config.install.binary("pg_rewind")),
+                    "-D",
+                    str(self._pgdata),
+                    f"--source-server={conninfo} dbname=postgres",
+                    "-R",
+                ],
+                "pg_rewind",
+                _BASEBACKUP_TIMEOUT_S,
+            )
+            auto = self._pgdata / "postgresql.auto.conf"
+            text = auto.read_text() if auto.is_file() else ""
+            _write_owned(
+                auto,
+                text + f"primary_conninfo = {_quote(conninfo)}\n",
+                self._config.install.run_user,
+            )
+            self.rejoined_by = "pg_rewind"
+        except (EngineError, OSError):
+            shutil.rmtree(self._pgdata, ignore_errors=True)
+            self._base_backup(host, port)
+            self.rejoined_by = "pg_basebackup"
+
     def _write_settings(self) -> None:
         user = self._config.install.run_user
         conf = self._pgdata / "postgresql.conf"
@@ -347,7 +394,12 @@ async def ensure_database(host: str, port: int, dbname: str, *, timeout_s: float
     quoted = '"' + dbname.replace('"', '""') + '"'
     try:
         async with asyncio.timeout(timeout_s):
-            conn = await asyncpg.connect(postgres_dsn(host, port), timeout=timeout_s)
+            conn = await asyncpg.connect(
+                postgres_dsn(host, port),
+                timeout=timeout_s,
+                # a synchronous primary's standbys start after it: do not wait for them
+                server_settings={"synchronous_commit": "local"},
+            )
             try:
                 exists = await conn.fetchval("select 1 from pg_database where datname = $1", dbname)
                 if exists:

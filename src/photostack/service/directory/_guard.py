@@ -13,6 +13,8 @@ guarded write of that logical shard to commit; no write can commit on the old ow
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -63,6 +65,7 @@ class MapGuard:
         self._current = current
         self._refresh = refresh
         self.wrong_shard_answers = 0
+        self.cutover_wait_s = 5.0
 
     async def verify(self, conn: Any, group: str, key: str) -> None:
         logical = self._current().group(group).logical_of(key)
@@ -71,12 +74,24 @@ class MapGuard:
             raise WrongShardError(group, logical, seen)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await attempt()
-        except WrongShardError as exc:
-            self.wrong_shard_answers += 1
-            await self._refresh(exc.shard_version)
-            return await attempt()  # a second WrongShardError propagates (the map is broken)
+        """On "wrong shard": refresh the map and try again, for up to ``cutover_wait_s``.
+
+        A reshard's cut-over (service/_reshard.py) fences the old owner before the directory
+        publishes the new map: a write in that window waits here (backing off from 20 ms) until
+        the map moved, instead of failing. After the deadline the last WrongShardError propagates.
+        """
+        deadline = time.monotonic() + self.cutover_wait_s
+        delay = 0.02
+        while True:
+            try:
+                return await attempt()
+            except WrongShardError as exc:
+                self.wrong_shard_answers += 1
+                if time.monotonic() >= deadline:
+                    raise
+                if not await self._refresh(exc.shard_version):
+                    await asyncio.sleep(delay)  # the directory has not published it yet
+                    delay = min(0.2, delay * 2)
 
 
 async def claim_ownership(conn: Any, logical: Sequence[int], version: int) -> bool:

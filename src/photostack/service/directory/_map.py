@@ -58,6 +58,17 @@ class PhysicalShard:
     index: int  # 0-based position in its group
     primary: Endpoint
     replicas: tuple[Endpoint, ...] = ()
+    # Bumped by every failover (docs/replication.md): a primary of an older epoch is fenced.
+    epoch: int = 1
+
+    def failed_over_to(self, name: str) -> PhysicalShard:
+        """The shard with replica ``name`` as primary, the old primary listed as a replica
+        (it comes back as one), and the next epoch. Raises MapFormatError."""
+        chosen = [r for r in self.replicas if r.name == name]
+        if not chosen:
+            raise MapFormatError(f"{name} is not a replica of shard {self.index}")
+        others = tuple(r for r in self.replicas if r.name != name)
+        return PhysicalShard(self.index, chosen[0], (*others, self.primary), self.epoch + 1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ class GroupPlacement:
                     "index": s.index,
                     "primary": {"name": s.primary.name, "dsn": s.primary.dsn},
                     "replicas": [{"name": r.name, "dsn": r.dsn} for r in s.replicas],
+                    "epoch": s.epoch,
                 }
                 for s in self.shards
             ],
@@ -132,6 +144,7 @@ class GroupPlacement:
                 int(s["index"]),
                 Endpoint(str(s["primary"]["name"]), str(s["primary"]["dsn"])),
                 tuple(Endpoint(str(r["name"]), str(r["dsn"])) for r in s.get("replicas", ())),
+                int(s.get("epoch", 1)),
             )
             for s in data["shards"]
         )
@@ -255,7 +268,9 @@ def with_addresses_of(current: ClusterMap, layout_map: ClusterMap) -> ClusterMap
 
     shards = {
         name: [
-            PhysicalShard(s.index, moved(s.primary), tuple(moved(r) for r in s.replicas))
+            PhysicalShard(
+                s.index, moved(s.primary), tuple(moved(r) for r in s.replicas), s.epoch
+            )
             for s in g.shards
         ]
         for name, g in current.groups.items()

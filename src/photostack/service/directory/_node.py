@@ -38,6 +38,7 @@ from photostack.service._http import (
     metrics_response,
 )
 
+from ._coordinator_routes import add_coordinator_routes, coordinator_for
 from ._errors import MapFormatError, StaleMapError
 from ._map import ClusterMap, with_addresses_of
 from ._mapstore import MapStore, apply_directory_schema
@@ -70,6 +71,12 @@ class DirectorySettings:
     initial_map: dict[str, Any] | None = None  # ClusterMap JSON, stored when there is none
     refresh_interval_s: float = 0.5
     statement_timeout_ms: int = 2000
+    # The failover coordinator (docs/replication.md): per-group replication rules, the names of
+    # every directory node (the observers), CoordinatorConfig overrides; coordinate=False: off.
+    replication: dict[str, Any] | None = None
+    observers: tuple[str, ...] = ()
+    coordinator: dict[str, Any] | None = None
+    coordinate: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,6 +91,10 @@ class DirectorySettings:
             initial_map=raw.get("initial_map"),
             refresh_interval_s=raw.get("refresh_interval_s", 0.5),
             statement_timeout_ms=raw.get("statement_timeout_ms", 2000),
+            replication=raw.get("replication"),
+            observers=tuple(raw.get("observers", ())),
+            coordinator=raw.get("coordinator"),
+            coordinate=raw.get("coordinate", True),
         )
 
 
@@ -98,6 +109,8 @@ class DirectoryNode:
         self._replicas: list[Pool] = []
         self._schema_ready = False
         self._loaded = asyncio.Event()
+        # The failover coordinator (docs/replication.md); None when coordination is off.
+        self.coordinator = coordinator_for(settings, lambda: self.map, self.install)
         self.version_gauge = Gauge(
             "photostack_directory_map_version", "Version of the map served.", registry=self.registry
         )
@@ -130,13 +143,20 @@ class DirectoryNode:
         self._primary = await self._pool(self.settings.primary_dsn)
         self._replicas = [await self._pool(d) for d in self.settings.replica_dsns]
         task = asyncio.create_task(self._sync_forever(), name=f"{self.settings.name}-sync")
+        coordinating = (
+            asyncio.create_task(self.coordinator.run(), name=f"{self.settings.name}-coordinator")
+            if self.coordinator is not None
+            else None
+        )
         try:
             yield
         finally:
             self.health.to(HealthState.DRAINING)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for background in (task, coordinating):
+                if background is not None:
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await background
             for pool in (self._primary, *self._replicas):
                 try:
                     await asyncio.wait_for(pool.close(), 5.0)
@@ -247,6 +267,8 @@ def create_directory_app(settings: DirectorySettings) -> FastAPI:
     @app.get("/v1/map/version")
     async def get_version() -> Response:
         return JsonResponse({"version": node.current().version, "source": node.source})
+
+    add_coordinator_routes(app, lambda: node.coordinator)
 
     @app.put("/v1/map")
     async def put_map(request: Request) -> Response:

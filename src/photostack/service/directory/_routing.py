@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from photostack.blocks.storage import ShardRouter
 from photostack.service.settings import Peer
@@ -19,10 +19,20 @@ from ._client import DirectoryClient, DirectoryClientConfig, Transport
 from ._errors import DirectoryUnavailableError
 from ._map import ClusterMap
 
-__all__ = ["MapRouting"]
+__all__ = ["MapRouting", "epoch_dsn"]
 
 PoolT = TypeVar("PoolT")
 log = logging.getLogger(__name__)
+
+
+def epoch_dsn(dsn: str, epoch: int) -> str:
+    """``dsn`` with the server setting ``photostack.epoch=N`` (asyncpg passes query parameters
+    as settings): a shard's fence refuses writes from an app routing by another epoch, and a
+    failover (new epoch) gets new pools (docs/replication.md)."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}photostack.epoch={epoch}"
+
+
+OnInstall = Callable[[ClusterMap, dict[str, Any]], Awaitable[None]]
 
 
 class MapRouting(Generic[PoolT]):
@@ -35,8 +45,10 @@ class MapRouting(Generic[PoolT]):
         transport: Transport,
         open_pool: Callable[[str, str], Awaitable[PoolT]],
         config: DirectoryClientConfig | None = None,
+        on_install: OnInstall | None = None,
     ) -> None:
         self.client = DirectoryClient(peers, transport, config, on_change=self.install)
+        self._on_install = on_install  # e.g. the replication layer's read router
         self._transport = transport
         self._open_pool = open_pool
         self._pools: dict[str, PoolT] = {}
@@ -60,7 +72,9 @@ class MapRouting(Generic[PoolT]):
             return
         shards: dict[str, list[PoolT]] = {}
         for name, group in new.groups.items():
-            shards[name] = [await self._pool(name, s.primary.dsn) for s in group.shards]
+            shards[name] = [
+                await self._pool(name, epoch_dsn(s.primary.dsn, s.epoch)) for s in group.shards
+            ]
         partitioners = {name: group.partitioner() for name, group in new.groups.items()}
         if self._router is None:
             self._router = ShardRouter(shards, partitioners=partitioners)
@@ -68,6 +82,8 @@ class MapRouting(Generic[PoolT]):
             for name in new.groups:
                 self._router.replace(name, shards[name], partitioners[name])
         self.installed_version = new.version
+        if self._on_install is not None:
+            await self._on_install(new, dict(self._pools))
 
     async def _pool(self, group: str, dsn: str) -> PoolT:
         pool = self._pools.get(dsn)
