@@ -138,7 +138,11 @@ def _node_command(command: str, doc: str) -> None:
     @_data_dir_option
     @_port_base_option
     def run(node: str, data_dir: Path, port_base: int | None) -> None:
-        result = _control(data_dir, port_base, lambda c: c.command(node, command))
+        # A graceful stop drains the node's pool (up to 10 s) and then its process (up to 30 s
+        # for Postgres) before the control API answers.
+        result = _control(
+            data_dir, port_base, lambda c: c.command(node, command), timeout_s=90.0
+        )
         if command == "kill":
             click.echo(f"kill: {result['name']} (pid {result['pid']}) got SIGKILL; it will restart")
         else:
