@@ -162,7 +162,14 @@ def test_the_coordinator_leader_dies_and_the_other_takes_over(cluster: RunningCl
 def test_planned_switchover_through_the_cli(cluster: RunningCluster) -> None:
     before = replication(cluster)["shards"]["users-1"]
     time.sleep(float(replication(cluster)["config"]["min_failover_interval_s"]))
-    done = cluster.cli("failover", "users-1", check=False)
+    # A 503 coordinator_unavailable carries Retry-After (the directory database was busy, e.g.
+    # right after the leader change above): retry as a user would, within a deadline.
+    deadline = time.monotonic() + 60
+    while True:
+        done = cluster.cli("failover", "users-1", check=False)
+        if done.returncode == 0 or "coordinator_unavailable" not in done.stderr:
+            break
+        assert time.monotonic() < deadline, done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
     after = replication(cluster)["shards"]["users-1"]
     assert after["epoch"] == before["epoch"] + 1
