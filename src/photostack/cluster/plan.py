@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,17 +251,7 @@ def build(
                     cdn_purge=_cdn_purge_peer(lay),
                 )
             )
-        return PhotostackNodeEngine(
-            NodeProcessConfig(
-                name=node.name,
-                role=node.role.value,
-                host=node.host,
-                port=node.port,
-                spec_path=data.run / f"{node.name}.json",
-                log_path=log_path,
-                settings=settings,
-            )
-        )
+        return PhotostackNodeEngine(_node_config(node, data, settings))
 
     nodes = [
         ManagedNode(
@@ -463,17 +453,7 @@ def _chaos_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
         }
         for link in lay.links
     ]
-    return PhotostackNodeEngine(
-        NodeProcessConfig(
-            name=node.name,
-            role=node.role.value,
-            host=node.host,
-            port=node.port,
-            spec_path=data.run / f"{node.name}.json",
-            log_path=data.log_path(node.name),
-            settings={"links": links},
-        )
-    )
+    return PhotostackNodeEngine(_node_config(node, data, {"links": links}))
 
 
 QUEUE_NAME = "media"  # the uploads' queue (thumbnails, fan-out, cleanup)
@@ -537,17 +517,7 @@ def _media_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
             "max_entry_bytes": topo.cdn_max_entry_bytes,
             "max_object_bytes": topo.media_max_object_bytes,
         }
-    return PhotostackNodeEngine(
-        NodeProcessConfig(
-            name=node.name,
-            role=node.role.value,
-            host=node.host,
-            port=node.port,
-            spec_path=data.run / f"{node.name}.json",
-            log_path=data.log_path(node.name),
-            settings=settings,
-        )
-    )
+    return PhotostackNodeEngine(_node_config(node, data, settings))
 
 
 class WorkerEngine(PhotostackNodeEngine):
@@ -588,15 +558,7 @@ def _worker_engine(lay: Layout, node: NodeSpec, data: DataDir, apps: list[Peer])
         "balancing": topo.web_balancing,
     }
     return WorkerEngine(
-        NodeProcessConfig(
-            name=node.name,
-            role=node.role.value,
-            host=node.host,
-            port=node.port,
-            spec_path=data.run / f"{node.name}.json",
-            log_path=data.log_path(node.name),
-            settings=settings,
-        ),
+        _node_config(node, data, settings),
         argv,
     )
 
@@ -606,3 +568,18 @@ def _as_dict(settings: WebSettings | AppSettings) -> dict[str, object]:
 
     loaded: dict[str, object] = json.loads(settings.to_json())
     return loaded
+
+
+def _node_config(
+    node: NodeSpec, data: DataDir, settings: Mapping[str, object]
+) -> NodeProcessConfig:
+    """How one of our Python nodes is started: its spec file under run/, its log under logs/."""
+    return NodeProcessConfig(
+        name=node.name,
+        role=node.role.value,
+        host=node.host,
+        port=node.port,
+        spec_path=data.run / f"{node.name}.json",
+        log_path=data.log_path(node.name),
+        settings=dict(settings),
+    )
