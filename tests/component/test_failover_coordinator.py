@@ -102,7 +102,9 @@ def coordinator(name: str, dsn: str, holder: Holder, observers: tuple[str, ...])
 async def insert(dsn: str, item: str, epoch: int) -> None:
     conn = await asyncpg.connect(dsn, timeout=1.0, server_settings={"photostack.epoch": str(epoch)})
     try:
-        await conn.execute("INSERT INTO items (id) VALUES ($1)", item)
+        # Bounded: a synchronous primary whose standby is not connected yet waits for it at
+        # commit; such a write is not acknowledged (a failure here), and the loop goes on.
+        await conn.execute("INSERT INTO items (id) VALUES ($1)", item, timeout=2.0)
     finally:
         conn.terminate()
 
@@ -110,7 +112,7 @@ async def insert(dsn: str, item: str, epoch: int) -> None:
 async def ids_on(dsn: str) -> set[str]:
     conn = await asyncpg.connect(dsn, timeout=2.0)
     try:
-        return {r["id"] for r in await conn.fetch("SELECT id FROM items")}
+        return {r["id"] for r in await conn.fetch("SELECT id FROM items", timeout=10.0)}
     finally:
         await conn.close()
 
