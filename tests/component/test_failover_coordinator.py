@@ -119,9 +119,8 @@ async def ids_on(dsn: str) -> set[str]:
 
 @pytest.mark.xfail(
     reason="known defect (issue 5, open): after a promotion the sync group's other replica "
-    "does not
-    "always re-attach to the new primary in time, so synchronous commits wait; seen in 2 of 3 "
-    "full-suite runs, never alone",
+    "does not always re-attach to the new primary in time, so synchronous commits wait; "
+    "seen in 2 of 3 full-suite runs, never alone",
     strict=False,
 )
 def test_failover_keeps_every_acknowledged_write_and_fences_the_old_primary(
