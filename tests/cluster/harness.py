@@ -12,14 +12,33 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import bundled_topology
 
 READY_DEADLINE_S = 240.0
+
+# The three data groups on one unreplicated shard each: the smallest storage a test cluster needs.
+ONE_SHARD_STORES = """
+[storage.users]
+shards = 1
+replicas = 0
+
+[storage.social]
+shards = 1
+replicas = 0
+
+[storage.photos]
+shards = 1
+replicas = 0
+"""
 
 
 def free_port_base() -> int:
@@ -136,10 +155,14 @@ def start_cluster(data_dir: Path, port_base: int, topology: Path | None = None) 
 
 @contextlib.contextmanager
 def running_cluster(
-    data_dir: Path, port_base: int | None = None, *, discard: bool = True
+    data_dir: Path,
+    port_base: int | None = None,
+    *,
+    topology: Path | None = None,
+    discard: bool = True,
 ) -> Iterator[RunningCluster]:
     """A cluster for the block's duration; ``discard`` removes its Postgres data afterwards."""
-    cluster = start_cluster(data_dir, port_base or free_port_base())
+    cluster = start_cluster(data_dir, port_base or free_port_base(), topology)
     try:
         cluster.wait_for_line("ready: ", READY_DEADLINE_S)
         yield cluster
@@ -147,3 +170,21 @@ def running_cluster(
         cluster.stop()
         if discard:
             discard_postgres_data(data_dir)  # as root it lives outside data_dir
+
+
+@contextlib.contextmanager
+def cluster_from_text(
+    root: Path, name: str, text: str, port_base: int | None = None
+) -> Iterator[RunningCluster]:
+    """A cluster on the topology ``text`` (written to ``root/name.toml``), data under ``root``."""
+    topology = root / f"{name}.toml"
+    topology.write_text(text, encoding="utf-8")
+    with running_cluster(root / "data", port_base, topology=topology) as cluster:
+        yield cluster
+
+
+def new_user(api: httpx.Client) -> dict[str, Any]:
+    """Register a fresh user through the public API; the answer carries ``id`` and ``token``."""
+    r = api.post("/v1/users", json={"username": f"t_{uuid.uuid4().hex[:12]}"})
+    assert r.status_code == 201, r.text
+    return dict(r.json())

@@ -14,9 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import bundled_topology
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+from tests.cluster.harness import RunningCluster, cluster_from_text
 
 pytestmark = pytest.mark.cluster
 
@@ -32,16 +31,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
     root = tmp_path_factory.mktemp("balancing")
     text = bundled_topology("small").read_text(encoding="utf-8")
     assert "[edge]\ncount = 1\n" in text
-    topology = root / "balancing.toml"
-    topology.write_text(text.replace("[edge]\ncount = 1\n", _EDGE), encoding="utf-8")
-    data_dir = root / "data"
-    running = start_cluster(data_dir, free_port_base(), topology)
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    balancing = text.replace("[edge]\ncount = 1\n", _EDGE)
+    with cluster_from_text(root, "balancing", balancing) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
 
 
 def _web_pool(control: httpx.Client) -> dict[str, dict[str, Any]]:

@@ -8,21 +8,19 @@ of reads), and a follow made after the flap shows at once on every read.
 from __future__ import annotations
 
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
-from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import Role, layout, parse_topology
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+from tests.cluster.harness import ONE_SHARD_STORES, RunningCluster, cluster_from_text, new_user
 
 pytestmark = pytest.mark.cluster
 
-TOPOLOGY = """
+TOPOLOGY = (
+    """
 [cluster]
 name = "photostack-caching"
 host = "127.0.0.1"
@@ -39,19 +37,9 @@ count = 2
 [cache]
 count = 3
 engine = "redis"
-
-[storage.users]
-shards = 1
-replicas = 0
-
-[storage.social]
-shards = 1
-replicas = 0
-
-[storage.photos]
-shards = 1
-replicas = 0
 """
+    + ONE_SHARD_STORES
+)
 USERS = 30
 READS = 600
 _GLOBAL_MISSES = re.compile(
@@ -64,16 +52,8 @@ _GLOBAL_MISSES = re.compile(
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("caching")
-    topology = root / "caching.toml"
-    topology.write_text(TOPOLOGY, encoding="utf-8")
-    data_dir = root / "data"
-    running = start_cluster(data_dir, free_port_base(), topology)
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    with cluster_from_text(root, "caching", TOPOLOGY) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
 
 
 def _app_urls(cluster: RunningCluster) -> list[str]:
@@ -89,18 +69,12 @@ def _global_misses(urls: list[str]) -> float:
     return total
 
 
-def _user(api: httpx.Client) -> dict[str, Any]:
-    r = api.post("/v1/users", json={"username": f"c_{uuid.uuid4().hex[:12]}"})
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
 def test_a_killed_cache_node_costs_no_error_and_bounded_database_load(
     cluster: RunningCluster,
 ) -> None:
     apps = _app_urls(cluster)
     with httpx.Client(base_url=cluster.api, timeout=15.0) as api:
-        users = [_user(api) for _ in range(USERS)]
+        users = [new_user(api) for _ in range(USERS)]
         misses_before = _global_misses(apps)
         statuses: Counter[int] = Counter()
         cache_headers: Counter[str] = Counter()

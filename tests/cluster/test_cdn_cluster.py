@@ -12,13 +12,13 @@ import httpx
 import pytest
 
 from photostack.blocks.media import MediaClient, MediaUnavailable, Origin
-from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import Layout, Role, layout, parse_topology
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+from tests.cluster.harness import ONE_SHARD_STORES, RunningCluster, cluster_from_text
 
 pytestmark = pytest.mark.cluster
 
-TOPOLOGY = """
+TOPOLOGY = (
+    """
 [cluster]
 name = "photostack-media"
 host = "127.0.0.1"
@@ -34,19 +34,9 @@ count = 1
 
 [cache]
 count = 1
-
-[storage.users]
-shards = 1
-replicas = 0
-
-[storage.social]
-shards = 1
-replicas = 0
-
-[storage.photos]
-shards = 1
-replicas = 0
-
+"""
+    + ONE_SHARD_STORES
+    + """
 [directory]
 count = 1
 replicas = 0
@@ -65,22 +55,15 @@ count = 1
 engine = "photostack"
 cache_bytes = 8388608
 """
+)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("media")
-    topology = root / "media.toml"
-    topology.write_text(TOPOLOGY, encoding="utf-8")
-    data_dir = root / "data"
-    running = start_cluster(data_dir, free_port_base(), topology)
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    with cluster_from_text(root, "media", TOPOLOGY) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
 
 
 def _client(lay: Layout, static: str) -> MediaClient:

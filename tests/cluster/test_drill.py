@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import layout, parse_topology
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, start_cluster
+from tests.cluster.harness import RunningCluster, cluster_from_text
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -86,16 +85,8 @@ def _is_free(port: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("drill")
-    topology = root / "drill.toml"
-    topology.write_text(TOPOLOGY, encoding="utf-8")
-    data_dir = root / "data"
-    running = start_cluster(data_dir, _free_base(), topology)
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    with cluster_from_text(root, "drill", TOPOLOGY, _free_base()) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
 
 
 def test_the_app_node_drill_passes(cluster: RunningCluster) -> None:

@@ -20,9 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from photostack.cluster.engines import discard_postgres_data
 from photostack.cluster.topology import bundled_topology
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+from tests.cluster.harness import RunningCluster, running_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -30,13 +29,8 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     data_dir = tmp_path_factory.mktemp("failover")
-    running = start_cluster(data_dir, free_port_base(), bundled_topology("replication"))
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    with running_cluster(data_dir, topology=bundled_topology("replication")) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
 
 
 def replication(cluster: RunningCluster) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from photostack.cluster.engines import discard_postgres_data
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+from tests.cluster.harness import ONE_SHARD_STORES, RunningCluster, cluster_from_text, new_user
 
 pytestmark = pytest.mark.cluster
 
-TOPOLOGY = """
+TOPOLOGY = (
+    """
 [cluster]
 name = "photostack-realtime"
 host = "127.0.0.1"
@@ -35,40 +34,16 @@ count = 1
 [cache]
 count = 2
 engine = "redis"
-
-[storage.users]
-shards = 1
-replicas = 0
-
-[storage.social]
-shards = 1
-replicas = 0
-
-[storage.photos]
-shards = 1
-replicas = 0
 """
+    + ONE_SHARD_STORES
+)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("realtime")
-    topology = root / "realtime.toml"
-    topology.write_text(TOPOLOGY, encoding="utf-8")
-    data_dir = root / "data"
-    running = start_cluster(data_dir, free_port_base(), topology)
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    with cluster_from_text(root, "realtime", TOPOLOGY) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
-
-
-def _user(api: httpx.Client) -> dict[str, Any]:
-    r = api.post("/v1/users", json={"username": f"rt_{uuid.uuid4().hex[:12]}"})
-    assert r.status_code == 201, r.text
-    return dict(r.json())
 
 
 def _follow(api: httpx.Client, who: dict[str, Any], target: dict[str, Any]) -> None:
@@ -110,8 +85,8 @@ def test_a_client_on_a_killed_web_node_resumes_on_the_other_with_nothing_lost(
     cluster: RunningCluster, tmp_path: Path
 ) -> None:
     with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
-        owner = _user(api)
-        followers = [_user(api) for _ in range(6)]
+        owner = new_user(api)
+        followers = [new_user(api) for _ in range(6)]
         with _stream_on(api, owner["token"], "web-1") as (_, lines):
             for follower in followers[:3]:
                 _follow(api, follower, owner)
@@ -140,7 +115,7 @@ def test_stopping_a_web_node_closes_its_streams_with_a_reconnect_hint(
     cluster: RunningCluster,
 ) -> None:
     with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
-        owner, follower = _user(api), _user(api)
+        owner, follower = new_user(api), new_user(api)
         _follow(api, follower, owner)
         with _stream_on(api, owner["token"], "web-2") as (_, lines):
             assert [e["seq"] for e in _events(lines, 1)] == [1]

@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,15 @@ import httpx
 import pytest
 from PIL import Image
 
-from photostack.cluster.engines import discard_postgres_data, postgres_dsn
+from photostack.cluster.engines import postgres_dsn
 from photostack.cluster.plan import DATABASE
 from photostack.cluster.topology import layout, parse_topology
-from tests.cluster.harness import READY_DEADLINE_S, RunningCluster, free_port_base, start_cluster
+from tests.cluster.harness import ONE_SHARD_STORES, RunningCluster, cluster_from_text, new_user
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
-TOPOLOGY = """
+TOPOLOGY = (
+    """
 [cluster]
 name = "photostack-uploads"
 host = "127.0.0.1"
@@ -40,19 +40,9 @@ count = 1
 
 [cache]
 count = 1
-
-[storage.users]
-shards = 1
-replicas = 0
-
-[storage.social]
-shards = 1
-replicas = 0
-
-[storage.photos]
-shards = 1
-replicas = 0
-
+"""
+    + ONE_SHARD_STORES
+    + """
 [directory]
 count = 1
 replicas = 0
@@ -65,27 +55,14 @@ count = 2
 concurrency = 2
 visibility_timeout_s = 3
 """
+)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("uploads")
-    topology = root / "uploads.toml"
-    topology.write_text(TOPOLOGY, encoding="utf-8")
-    data_dir = root / "data"
-    running = start_cluster(data_dir, free_port_base(), topology)
-    try:
-        running.wait_for_line("ready: ", READY_DEADLINE_S)
+    with cluster_from_text(root, "uploads", TOPOLOGY) as running:
         yield running
-    finally:
-        running.stop()
-        discard_postgres_data(data_dir)
-
-
-def _user(api: httpx.Client) -> dict[str, Any]:
-    r = api.post("/v1/users", json={"username": f"up_{uuid.uuid4().hex[:12]}"})
-    assert r.status_code == 201, r.text
-    return dict(r.json())
 
 
 def _auth(user: dict[str, Any]) -> dict[str, str]:
@@ -144,7 +121,7 @@ def _wait_state(cluster: RunningCluster, name: str, state: str, deadline_s: floa
 
 def test_upload_through_the_edge_reaches_a_followers_feed(cluster: RunningCluster) -> None:
     with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
-        alice, bob = _user(api), _user(api)
+        alice, bob = new_user(api), new_user(api)
         r = api.put(f"/v1/users/{bob['id']}/following/{alice['id']}", headers=_auth(bob))
         assert r.status_code == 204
         made = _upload(api, alice, _jpeg((800, 600)))
@@ -174,7 +151,7 @@ def test_upload_through_the_edge_reaches_a_followers_feed(cluster: RunningCluste
 def test_a_worker_killed_mid_task_loses_nothing(cluster: RunningCluster) -> None:
     cluster.cli("stop", "worker-2")  # one worker: the tasks we catch running are worker-1's
     with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
-        alice = _user(api)
+        alice = new_user(api)
         data = _jpeg((6000, 4000))  # 24 MP: each thumbnail takes long enough to be caught
         made = [_upload(api, alice, data + bytes([i])) for i in range(12)]
         ids = [m["task"]["id"] for m in made]
@@ -227,7 +204,7 @@ def test_with_every_worker_stopped_uploads_are_accepted_and_complete_later(
     for worker in ("worker-1", "worker-2"):
         cluster.cli("stop", worker)
     with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
-        alice = _user(api)
+        alice = new_user(api)
         made = _upload(api, alice, _jpeg((300, 200)))
         assert _task(api, alice, made["task"]["id"])["status"] == "queued"
         for worker in ("worker-1", "worker-2"):
