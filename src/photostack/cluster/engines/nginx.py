@@ -394,12 +394,12 @@ class NginxEngine:
         return STATE_ROOT / "nginx" / f"{self.name}-{digest}"
 
     def prepare(self) -> None:
-        """Check the binary and ports, create directories, write nginx.conf. Raises EngineError."""
-        cfg = self._config
+        """Check the binary and ports, create directories, write and check nginx.conf.
+
+        Raises EngineError."""
         binary = nginx_binary()
-        ensure_port_free(cfg.host, cfg.port)
-        if cfg.tls_port is not None:
-            ensure_port_free(cfg.host, cfg.tls_port)
+        for port in self._ports():
+            ensure_port_free(self._config.host, port)
         user = RUN_USER if is_root() else None
         temp = self.temp_root()
         try:
@@ -414,13 +414,21 @@ class NginxEngine:
                 path = temp / sub
                 path.mkdir(mode=0o700, exist_ok=True)
                 chown_to(path, user)
-            text = render_nginx_conf(cfg, temp, user=user)
+            text = self._render(temp, user)
             tmp = self.conf_path.with_suffix(".tmp")
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.conf_path)
         except OSError as exc:
             raise EngineError(f"cannot prepare nginx under {self._prefix}: {exc}") from exc
         self._check(binary)
+
+    def _ports(self) -> list[int]:
+        """The ports this nginx listens on (checked free before it starts)."""
+        cfg = self._config
+        return [cfg.port] if cfg.tls_port is None else [cfg.port, cfg.tls_port]
+
+    def _render(self, temp: Path, user: str | None) -> str:
+        return render_nginx_conf(self._config, temp, user=user)
 
     def _check(self, binary: Path) -> None:
         import subprocess

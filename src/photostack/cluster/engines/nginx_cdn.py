@@ -16,24 +16,14 @@ one second (``proxy_cache_valid 404 1s``) before asking the origins again.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from photostack.cluster.engines._ports import ensure_port_free
-from photostack.cluster.engines._sysuser import (
-    RUN_USER,
-    STATE_ROOT,
-    chown_to,
-    ensure_system_user,
-    is_root,
-)
 from photostack.cluster.engines.base import EngineError
 from photostack.cluster.engines.nginx import (
     NginxBackend,
     NginxConfig,
     NginxEngine,
-    nginx_binary,
 )
 
 __all__ = ["NginxCdnConfig", "NginxCdnEngine", "render_nginx_cdn_conf"]
@@ -198,31 +188,9 @@ class NginxCdnEngine(NginxEngine):
         )
         self.cdn_config = config
 
-    def prepare(self) -> None:
-        """Check the binary and ports, create directories, write and check nginx.conf."""
+    def _ports(self) -> list[int]:
         cfg = self.cdn_config
-        binary = nginx_binary()
-        ensure_port_free(cfg.host, cfg.port)
-        if cfg.purge_port is not None:
-            ensure_port_free(cfg.host, cfg.purge_port)
-        user = RUN_USER if is_root() else None
-        temp = self.temp_root()
-        try:
-            if user is not None:
-                ensure_system_user(user)
-                STATE_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
-                (STATE_ROOT / "nginx").mkdir(mode=0o755, exist_ok=True)
-            self.conf_path.parent.mkdir(parents=True, exist_ok=True)
-            temp.mkdir(mode=0o700, parents=True, exist_ok=True)
-            chown_to(temp, user)
-            for sub in _TEMP_DIRS:
-                path = temp / sub
-                path.mkdir(mode=0o700, exist_ok=True)
-                chown_to(path, user)
-            text = render_nginx_cdn_conf(cfg, temp, user=user)
-            tmp = self.conf_path.with_suffix(".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.conf_path)
-        except OSError as exc:
-            raise EngineError(f"cannot prepare nginx under {cfg.prefix}: {exc}") from exc
-        self._check(binary)
+        return [cfg.port] if cfg.purge_port is None else [cfg.port, cfg.purge_port]
+
+    def _render(self, temp: Path, user: str | None) -> str:
+        return render_nginx_cdn_conf(self.cdn_config, temp, user=user)
