@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from tests.cluster.harness import ONE_SHARD_STORES, RunningCluster, cluster_from_text, new_user
 
@@ -114,18 +117,33 @@ def test_a_client_on_a_killed_web_node_resumes_on_the_other_with_nothing_lost(
 def test_stopping_a_web_node_closes_its_streams_with_a_reconnect_hint(
     cluster: RunningCluster,
 ) -> None:
+    """``stop`` closes the node's streams at once (SSE close frame, WebSocket 1012) instead of
+    waiting for them as requests in flight: it finishes well inside the 10 s request drain."""
+    address = httpx.get(f"{cluster.control}/v1/nodes/web-2", timeout=10.0).json()["address"]
     with httpx.Client(base_url=cluster.api, timeout=30.0) as api:
         owner, follower = new_user(api), new_user(api)
         _follow(api, follower, owner)
-        with _stream_on(api, owner["token"], "web-2") as (_, lines):
+        ws_url = f"ws://{address}/v1/ws?access_token={owner['token']}"
+        with (
+            _stream_on(api, owner["token"], "web-2") as (_, lines),
+            ws_connect(ws_url, open_timeout=10.0) as ws,
+        ):
             assert [e["seq"] for e in _events(lines, 1)] == [1]
-            stopped = cluster.cli("stop", "web-2", check=False)  # SIGTERM: drain
+            assert json.loads(ws.recv(timeout=10.0))["seq"] == 1
+            started = time.monotonic()
+            stopped = cluster.cli("stop", "web-2", check=False)  # drain, then SIGTERM
+            took_s = time.monotonic() - started
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
             rest = list(lines)  # the stream ends instead of being cut
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10.0)
         try:
+            assert took_s < 6.0, f"stop took {took_s:.1f}s: streams were waited for"
             assert "event: close" in rest
             assert "retry: 1000" in rest
             data = next(line for line in rest if line.startswith("data: "))
             assert json.loads(data[6:]) == {"reason": "draining", "resume_after": 1}
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012  # service restart: reconnect elsewhere
         finally:
             cluster.cli("start", "web-2")

@@ -244,6 +244,10 @@ def test_each_transport_receives_an_event_caused_by_another_user(
                 assert (frame["id"], frame["event"]) == ("1", "follower.new")
                 assert set(event) == {"seq", "type", "data", "at"}
                 assert event["data"]["follower"]["id"] == alice["id"]
+                hub2 = st.webs[1].state.events.hub
+                assert (hub2.pushed, hub2.woken) == (1, 0)  # written at once, no task woken
+                metrics = (await web2.get("/metrics")).text
+                assert 'photostack_web_event_deliveries_total{path="direct"} 1.0' in metrics
                 assert (await ws_event(ws)) == event
                 long_poll = await wait
                 assert long_poll.status_code == 200
@@ -432,6 +436,10 @@ def test_a_slow_consumer_is_cut_off_with_a_resume_point(
             while hub.connections:  # cut off, not growing
                 assert time.monotonic() < end, "the slow consumer was not cut off"
                 await asyncio.sleep(0.01)
+            # The first events went straight to the socket; once flow control paused writing,
+            # the rest were buffered and the stuck write hit its deadline.
+            assert hub.pushed > 0
+            assert hub.woken > 0
             raw = b""
             while True:  # now read what it was sent, up to the close frame
                 async with asyncio.timeout(DEADLINE_S):

@@ -119,6 +119,31 @@ def test_sent_after_a_rewind_does_not_move_delivered_forward() -> None:
     assert cursor.delivered == 1
 
 
+def test_push_writes_only_for_an_exactly_caught_up_cursor() -> None:
+    log = _log(3)
+    cursor = DeliveryCursor(0, max_buffered=4)
+    assert cursor.push(log[:1]) is None  # a new cursor reads the log first
+    after, limit = cursor.begin_read()
+    assert cursor.push(log[:1]) is None  # a read in flight
+    cursor.end_read(_read(log, after, limit))
+    assert cursor.push([make_event(4)]) is None  # events buffered, not yet taken
+    batch = cursor.take(10)
+    assert [e.seq for e in batch] == [1, 2, 3]
+    assert cursor.push([make_event(4)]) is None  # taken, not yet sent
+    cursor.sent(batch)
+    assert cursor.push([make_event(3)]) == []  # already delivered: nothing to write
+    assert [e.seq for e in cursor.push([make_event(3), make_event(4), make_event(5)]) or []] == [
+        4,
+        5,
+    ]
+    assert (cursor.delivered, cursor.position, cursor.known_head) == (5, 5, 5)
+    assert cursor.push([make_event(7)]) is None  # a gap: the log fills it
+    assert cursor.offer([make_event(7)])
+    assert cursor.needs_read
+    cursor.close(CloseReason.CLIENT_GONE)
+    assert cursor.push([make_event(6)]) is None
+
+
 def test_illegal_use_raises() -> None:
     with pytest.raises(ValueError, match="after"):
         DeliveryCursor(-1, max_buffered=1)
@@ -135,6 +160,7 @@ def test_illegal_use_raises() -> None:
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("append"), st.booleans(), st.booleans()),
+        st.tuples(st.just("push"), st.booleans(), st.booleans()),
         st.tuples(st.just("begin"), st.just(False), st.just(False)),
         st.tuples(st.just("end"), st.just(False), st.just(False)),
         st.tuples(st.just("take"), st.just(False), st.just(False)),
@@ -154,11 +180,16 @@ def test_delivery_is_the_log_in_order_whatever_pubsub_does(
     delivered: list[int] = []
     pending: LogRead | None = None
     for op, drop, dup in ops:
-        if op == "append":
+        if op in ("append", "push"):  # push: the hub's direct path when caught up, else offer
             event = make_event(len(log) + 1)
             log.append(event)
             if not drop:
-                cursor.offer([event, event] if dup else [event])
+                live = [event, event] if dup else [event]
+                pushed = cursor.push(live) if op == "push" else None
+                if pushed is None:
+                    cursor.offer(live)
+                else:
+                    delivered.extend(e.seq for e in pushed)
         elif op == "begin" and pending is None and cursor.needs_read:
             after, limit = cursor.begin_read()
             pending = _read(log, after, limit)  # answered now, delivered at "end"

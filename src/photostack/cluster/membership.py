@@ -10,7 +10,9 @@ API (see docs/balancing.md).
 
 Nodes created at run time (``photostack start web-3``) are copies of an existing node of the
 role with a new name and the next free internal port; they join their pool once ready. ``stop``
-of a web or app node drains it in its pool first and waits for its requests to finish.
+of a web or app node drains it in its pool first and waits for its requests to finish; a web
+node also closes its SSE and WebSocket streams at once (with a reconnect hint) rather than
+having them waited for as requests.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +60,8 @@ _NEW_NODE = re.compile(r"^(web|app)-([1-9][0-9]{0,2})$")
 _PUSH_TIMEOUT_S = 15.0
 _DRAIN_WAIT_S = 10.0
 _LIVE = (NodeState.READY, NodeState.UNHEALTHY, NodeState.STARTING)
+_SIGNALLABLE = (NodeState.READY, NodeState.UNHEALTHY)  # started: the drain handler is installed
+_DRAIN_SIGNAL = signal.SIGUSR1  # a web node drains its streams on it and keeps serving
 
 
 class MembershipError(Exception):
@@ -244,12 +249,19 @@ class Membership:
         raise MembershipError(409, "no_port", f"no free port above {port} for a new node")
 
     async def drain_for_stop(self, node: ManagedNode) -> None:
-        """Before a graceful stop: drain the node in its pool, wait for its requests."""
+        """Before a graceful stop: drain the node in its pool, wait for its requests.
+
+        A web node is then told to drain at once (``_close_streams``): its SSE and WebSocket
+        streams close with a reconnect hint, so the wait is for ordinary requests only (an SSE
+        stream through the edge counts as a request in flight until it ends).
+        """
         pool_name = _pool_of(node.spec.role)
         if pool_name is None or node.lifecycle.state not in _LIVE:
             return
         self._drained_for_stop.add(node.name)
         await self.drain(pool_name, node.name)
+        if node.spec.role is Role.WEB:
+            _close_streams(node)
         deadline = time.monotonic() + _DRAIN_WAIT_S
         while time.monotonic() < deadline:
             if await self._in_flight(pool_name, node.name) == 0:
@@ -283,6 +295,22 @@ class Membership:
         elif node.name in self._drained_for_stop:
             self._drained_for_stop.discard(node.name)
             await self.restore(pool_name, node.name)
+
+
+def _close_streams(node: ManagedNode) -> None:
+    """Ask a ready web node to drain now (SIGUSR1, see ``cluster/node.py``): its streams close
+    with a reconnect hint and it refuses new ones, while ordinary requests go on."""
+    process = node.process
+    if (
+        node.lifecycle.state not in _SIGNALLABLE
+        or process is None
+        or process.returncode is not None
+    ):
+        return  # still starting (no handler yet: the signal would kill it) or already gone
+    try:
+        process.send_signal(_DRAIN_SIGNAL)
+    except ProcessLookupError:
+        return
 
 
 def _pool_of(role: Role) -> str | None:

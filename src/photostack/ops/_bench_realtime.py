@@ -3,8 +3,9 @@
 1. Same events, four transports at once (through the edge): short polling (every 1 s) against
    long polling, SSE and WebSocket — requests per delivered event, share of empty responses,
    delivery latency (event ``at`` to receipt).
-2. One web process holding N idle SSE clients (direct to web-1, goal 10,000): memory per idle
-   connection, then one event per user for all of them at once — broadcast latency to every one.
+2. One web process holding N idle SSE clients (direct to web-1, goal 10,000; the clients in a
+   process of their own, ``_bench_realtime_clients``): memory per idle connection, then one
+   event per user for all of them at once — broadcast latency to every one.
 
 Bounded: fixed event counts, per-phase deadlines, loopback only.
 """
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import math
-import resource
 import shutil
 import tempfile
 import time
@@ -40,6 +40,7 @@ from photostack.ops._bench_procs import (
     read_nodes,
     start_cluster,
 )
+from photostack.ops._bench_realtime_clients import ClientProcess
 from photostack.ops._bench_report import Paragraph, Section, Table, fmt
 from photostack.ops.benchsuite import Out, SuiteError, SuiteOptions, SuiteResult
 from photostack.ops.loadgen import percentile
@@ -56,6 +57,7 @@ CONNECTIONS = (1_000, 10_000)  # idle SSE clients on one web process (goal 10,00
 BROADCAST_USERS = 100  # the connections are spread over these users; one event each
 OPEN_CONCURRENCY = 200
 PHASE_DEADLINE_S = 120.0
+DIRECT_METRIC = 'photostack_web_event_deliveries_total{path="direct"}'
 
 
 @dataclass
@@ -278,111 +280,75 @@ class ConnectionFigures:
     rss_after: int = 0
     delivered: int = 0
     latencies_s: list[float] = field(default_factory=list)
-    all_delivered: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def delivered_one(self, latency_s: float) -> None:
-        self.delivered += 1
-        self.latencies_s.append(latency_s)
-        if self.delivered >= self.opened:
-            self.all_delivered.set()
+    direct: float = math.nan  # deliveries web-1 wrote straight to the socket (no task wake-up)
 
     @property
     def bytes_per_connection(self) -> float:
         return (self.rss_after - self.rss_before) / self.opened if self.opened else math.nan
 
 
-class _SseProtocol(asyncio.Protocol):
-    """A minimal SSE client: open once the retry hint arrives; the first event's latency."""
-
-    def __init__(self, request: bytes, figures: ConnectionFigures) -> None:
-        self._request = request
-        self._figures = figures
-        self.opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._buffer = b""
-        self._got_event = False
-        self.transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.write(self._request)  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        if not self.opened.done():
-            self._buffer += data  # the head and the first body chunk may come apart
-            if b"retry:" not in self._buffer:
-                return
-            self.opened.set_result(b" 200 " in self._buffer.split(b"\r\n", 1)[0])
-            data, self._buffer = self._buffer, b""
-        if not self._got_event and b'"at":"' in data:
-            now = time.time()
-            at = data.split(b'"at":"', 1)[1].split(b'"', 1)[0].decode()
-            self._got_event = True
-            self._figures.delivered_one(now - _at(at))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.opened.done():
-            self.opened.set_result(False)
-
-
 async def _hold_connections(
     api_url: str, web_url: str, pid: int, count: int, out: Out
 ) -> ConnectionFigures:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = count + 1024
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    """``count`` idle SSE clients on web-1, held by a client process of their own (so this
+    process's HTTP work does not delay receipts), then one event for each user at once."""
     figures = ConnectionFigures(count)
     async with httpx.AsyncClient(base_url=api_url, timeout=60.0) as api:
         users = await _new_users(api, BROADCAST_USERS)
         producer = (await _new_users(api, 1))[0]
         web = httpx.URL(web_url)
-        loop = asyncio.get_running_loop()
         process = psutil.Process(pid)
         figures.rss_before = process.memory_info().rss
-        protocols: list[_SseProtocol] = []
-        gate = asyncio.Semaphore(OPEN_CONCURRENCY)
-
-        async def open_one(index: int) -> None:
-            token = users[index % len(users)]["token"]
-            request = (
-                f"GET /v1/events/stream?access_token={token} HTTP/1.1\r\nHost: {web.host}\r\n\r\n"
-            ).encode()
-            protocol = _SseProtocol(request, figures)
-            async with gate:
-                try:
-                    await loop.create_connection(lambda: protocol, web.host, web.port or 80)
-                except OSError:
-                    return
-                if await protocol.opened:
-                    protocols.append(protocol)
-
-        started = loop.time()
+        pushed_before = await _direct_deliveries(web_url)
+        clients = ClientProcess(
+            {
+                "host": web.host,
+                "port": web.port or 80,
+                "tokens": [u["token"] for u in users],
+                "count": count,
+                "concurrency": OPEN_CONCURRENCY,
+                "deadline_s": PHASE_DEADLINE_S,
+            }
+        )
         try:
-            async with asyncio.timeout(PHASE_DEADLINE_S):
-                await asyncio.gather(*(open_one(i) for i in range(count)))
-            figures.opened = len(protocols)
-            figures.open_s = loop.time() - started
+            opened, open_s = (await clients.line("opened ", PHASE_DEADLINE_S + 30)).split()
+            figures.opened, figures.open_s = int(opened), float(open_s)
             figures.rss_after = process.memory_info().rss
             out(f"  {figures.opened} open in {figures.open_s:.1f}s")
+            gate = asyncio.Semaphore(20)
+
+            async def follow(user: dict[str, Any]) -> None:
+                async with gate:
+                    await _follow(api, producer, user)
+
             async with asyncio.timeout(PHASE_DEADLINE_S):
-                gate = asyncio.Semaphore(20)
-
-                async def follow(user: dict[str, Any]) -> None:
-                    async with gate:
-                        await _follow(api, producer, user)
-
                 await asyncio.gather(*(follow(u) for u in users))
-                await figures.all_delivered.wait()
-        except TimeoutError:
-            out(f"  deadline: {figures.delivered} of {figures.opened} delivered")
+            result = json.loads(await clients.line("result ", PHASE_DEADLINE_S + 30))
         finally:
-            for protocol in protocols:
-                if protocol.transport is not None:
-                    protocol.transport.close()
+            clients.close()
+        figures.latencies_s = [float(x) for x in result["latencies_s"]]
+        figures.delivered = len(figures.latencies_s)
+        if figures.delivered < figures.opened:
+            out(f"  deadline: {figures.delivered} of {figures.opened} delivered")
+        figures.direct = await _direct_deliveries(web_url) - pushed_before
     return figures
 
 
+async def _direct_deliveries(web_url: str) -> float:
+    """web-1's count of deliveries written straight to a connection (its /metrics)."""
+    async with httpx.AsyncClient(base_url=web_url, timeout=10.0) as web:
+        text = (await web.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(DIRECT_METRIC):
+            return float(line.rsplit(" ", 1)[1])
+    return math.nan
+
+
 # -- report ----------------------------------------------------------------------------------
+
+
+def _share(part: float, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole and not math.isnan(part) else "—"
 
 
 def _ms(values: list[float], pct: float) -> str:
@@ -450,6 +416,7 @@ def _result(stats: list[dict[str, TransportStats]], conns: list[ConnectionFigure
                 fmt(c.open_s, 1),
                 fmt(c.bytes_per_connection / 1024, 1),
                 str(c.delivered),
+                _share(c.direct, c.delivered),
                 _ms(lat, 50),
                 _ms(lat, 99),
                 _ms(lat, 100),
@@ -460,11 +427,13 @@ def _result(stats: list[dict[str, TransportStats]], conns: list[ConnectionFigure
         (
             Paragraph(
                 f"Idle SSE clients opened directly on web-1 (spread over {BROADCAST_USERS} users), "
-                "then one event for each user at once, so every client gets one. Memory per "
-                "connection: web-1 RSS growth divided by the connections. Broadcast latency: "
-                "event commit to receipt at each client; the clients run in the benchmark "
-                "process, and the producers, app, Postgres and Redis on the same two cores. "
-                "Goal: 10,000 clients, broadcast p99 ≤ 250 ms."
+                "then one event for each user at once (20 follows in flight), so every client "
+                "gets one. Memory per connection: web-1 RSS growth divided by the connections. "
+                "Direct: the share of deliveries web-1 wrote straight to the socket (encoded "
+                "once per broadcast, no task wake-up; from its /metrics). Broadcast latency: "
+                "event commit (`at`) to receipt at each client, on the same host clock. The "
+                "clients run in a process of their own; the benchmark driver, app, Postgres "
+                "and Redis share the same two cores. Goal: 10,000 clients, broadcast p99 ≤ 250 ms."
             ),
             Table(
                 (
@@ -473,6 +442,7 @@ def _result(stats: list[dict[str, TransportStats]], conns: list[ConnectionFigure
                     "open s",
                     "KiB/conn",
                     "delivered",
+                    "direct",
                     "p50 ms",
                     "p99 ms",
                     "max ms",
@@ -501,6 +471,7 @@ def _result(stats: list[dict[str, TransportStats]], conns: list[ConnectionFigure
                 "opened": c.opened,
                 "bytes_per_connection": c.bytes_per_connection,
                 "delivered": c.delivered,
+                "direct": c.direct,
                 "broadcast_p50_ms": percentile(sorted(c.latencies_s), 50) * 1000,
                 "broadcast_p99_ms": percentile(sorted(c.latencies_s), 99) * 1000,
             }

@@ -11,17 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Request, WebSocket
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from photostack.blocks.realtime import (
     Event,
     EventStreamResponse,
+    HeapFreezer,
     Hub,
     HubConfig,
     HubUnavailableError,
@@ -131,6 +134,10 @@ class WebEvents:
             registry=registry,
         )
         self.hub.watch(gauge.set)
+        registry.register(_DeliveryCollector(self.hub))
+        # Held connections are long-lived: keep full GC collections from rescanning them.
+        self.heap = HeapFreezer()
+        self.hub.watch(self.heap)
 
     async def start(self) -> None:
         self.hub.start()
@@ -145,6 +152,24 @@ class WebEvents:
         await self.hub.aclose()
         if self.notifier is not None:
             await self.notifier.aclose()
+
+
+class _DeliveryCollector(Collector):
+    """Live deliveries by path: ``direct`` (written to the socket at once, no task woken) or
+    ``buffered`` (queued on the connection, its task woken to write it)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "photostack_web_event_deliveries",
+            "Live event deliveries to held connections, by path (direct or buffered).",
+            labels=["path"],
+        )
+        family.add_metric(["direct"], self._hub.pushed)
+        family.add_metric(["buffered"], self._hub.woken)
+        yield family
 
 
 def user_of(conn: HTTPConnection, signer: TokenSigner) -> str:

@@ -28,7 +28,8 @@ from ._framing import (
     sse_events,
     sse_retry,
 )
-from ._hub import Hub, HubConfig, Notifier, Subscription
+from ._heap import GcControl, HeapFreezer
+from ._hub import Hub, HubConfig, Notifier, Pusher, Subscription
 from ._model import Event, EventLog, LogRead, last_seq
 from ._redis import CHANNEL_PREFIX, RedisNotifier, RedisNotifierConfig, channel_for
 from ._transports import (
@@ -51,6 +52,8 @@ __all__ = [
     "Event",
     "EventLog",
     "EventStreamResponse",
+    "GcControl",
+    "HeapFreezer",
     "Hub",
     "HubConfig",
     "HubDrainingError",
@@ -63,6 +66,7 @@ __all__ = [
     "MalformedEventError",
     "Notifier",
     "NotifierUnavailableError",
+    "Pusher",
     "RealtimeError",
     "RedisNotifier",
     "RedisNotifierConfig",

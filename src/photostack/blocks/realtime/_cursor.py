@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ._model import Event, LogRead
 
@@ -159,6 +159,34 @@ class DeliveryCursor:
             self.position = event.seq
             wake = True
         return wake
+
+    def push(self, events: Sequence[Event]) -> list[Event] | None:
+        """Live events a caught-up, idle connection can be written at once, bypassing the buffer.
+
+        Returns the events to write now and counts them as delivered (the caller writes them
+        before anything else happens on the connection); ``[]`` when every event is already
+        delivered; None when the connection is not exactly caught up (a read in flight, events
+        buffered or taken but not yet sent, a gap): then ``offer`` them as usual.
+        """
+        if (
+            self._state is not CursorState.OPEN
+            or self._reading
+            or self._force_read
+            or self._buffer
+            or self.position != self.delivered
+        ):
+            return None
+        position = self.position
+        fresh = [e for e in events if e.seq > position]
+        expected = position
+        for event in fresh:
+            expected += 1
+            if event.seq != expected:
+                return None  # a gap or a disorder: the log decides
+        if fresh:
+            self.position = self.delivered = expected
+            self.known_head = max(self.known_head, expected)
+        return fresh
 
     def resync(self) -> None:
         """Read the log (bypassing caches) at the next chance: pub/sub may have missed events."""

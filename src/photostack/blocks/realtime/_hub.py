@@ -19,7 +19,7 @@ from ._cursor import CloseReason, DeliveryCursor
 from ._errors import HubDrainingError, HubFullError, LogUnavailableError
 from ._model import Event, EventLog
 
-__all__ = ["Hub", "HubConfig", "Notifier", "Subscription"]
+__all__ = ["Hub", "HubConfig", "Notifier", "Pusher", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,24 @@ class Notifier(Protocol):
     def unsubscribe(self, key: str) -> None:
         """Stop hearing about ``key`` (queued in call order; no need to wait)."""
         ...
+
+
+class Pusher(Protocol):
+    """A connection's synchronous write path, for live events that need no buffering.
+
+    While a caught-up subscription waits for events, the hub writes a broadcast straight to
+    its pusher instead of buffering it and waking the connection's task. ``encode`` must be the
+    same function for every pusher of a kind: the hub encodes each broadcast once per kind and
+    shares the bytes. ``writable`` says whether a write now would go out without waiting
+    (otherwise the event takes the buffered path, with its send deadline).
+    """
+
+    @property
+    def encode(self) -> Callable[[Sequence[Event]], bytes]: ...
+
+    def writable(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,8 @@ class Subscription:
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        self._pusher: Pusher | None = None
+        self.pusher: Pusher | None = None  # set only while the driver waits (see next_events)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.key} {self.cursor!r}>"
@@ -72,9 +92,14 @@ class Subscription:
     def wake(self) -> None:
         self._wake.set()
 
+    def attach(self, pusher: Pusher | None) -> None:
+        """Let the hub write live events straight to ``pusher`` while the driver waits."""
+        self._pusher = pusher
+
     def close(self, reason: CloseReason = CloseReason.CLIENT_GONE) -> None:
         """Leave the hub (idempotent)."""
         self.cursor.close(reason)
+        self.pusher = self._pusher = None
         self._wake.set()
         if not self._closed:
             self._closed = True
@@ -109,7 +134,11 @@ class Subscription:
             if remaining <= 0:
                 return []
             self._wake.clear()
-            await self._pause(remaining)
+            self.pusher = self._pusher  # nothing pending and caught up: the hub may write
+            try:
+                await self._pause(remaining)
+            finally:
+                self.pusher = None
         return []
 
     def sent(self, events: list[Event]) -> None:
@@ -140,6 +169,21 @@ class Subscription:
         return True
 
 
+def _encoded(
+    encode: Callable[[Sequence[Event]], bytes],
+    fresh: Sequence[Event],
+    events: Sequence[Event],
+    frames: dict[Callable[[Sequence[Event]], bytes], bytes],
+) -> bytes:
+    """``encode(fresh)``, shared by every connection that takes the whole broadcast."""
+    if len(fresh) != len(events):
+        return encode(fresh)
+    data = frames.get(encode)
+    if data is None:
+        data = frames[encode] = encode(fresh)
+    return data
+
+
 class _Topic:
     __slots__ = ("ready", "subs")
 
@@ -163,6 +207,8 @@ class Hub:
         self._on_change: list[Callable[[int], None]] = []
         self._tasks: set[asyncio.Future[None]] = set()
         self._resync_task: asyncio.Task[None] | None = None
+        self.pushed = 0  # deliveries written straight to a pusher (no buffer, no wake-up)
+        self.woken = 0  # deliveries that buffered and woke a connection's task
 
     def __repr__(self) -> str:
         state = "draining" if self._draining else "open"
@@ -254,9 +300,26 @@ class Hub:
         topic = self._topics.get(key)
         if topic is None:
             return
+        frames: dict[Callable[[Sequence[Event]], bytes], bytes] = {}  # one encoding per kind
+        broken: list[Subscription] = []
         for sub in topic.subs:
+            pusher = sub.pusher
+            if pusher is not None and pusher.writable():
+                fresh = sub.cursor.push(events)
+                if fresh is not None:
+                    if fresh:
+                        try:
+                            pusher.write(_encoded(pusher.encode, fresh, events, frames))
+                        except (OSError, RuntimeError):
+                            broken.append(sub)  # the connection broke under us: it is gone
+                        else:
+                            self.pushed += 1
+                    continue
             if sub.cursor.offer(events):
                 sub.wake()
+                self.woken += 1
+        for sub in broken:
+            sub.close(CloseReason.CLIENT_GONE)
 
     def resync(self, keys: Iterable[str] | None = None) -> None:
         """Re-read the log of ``keys`` (all when None) soon: pub/sub was interrupted."""

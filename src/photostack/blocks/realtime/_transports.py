@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -54,6 +55,7 @@ class StreamConfig:
     send_timeout_s: float = 30.0  # one write blocked longer: a slow or dead consumer, cut off
     reconnect_ms: int = 1000  # the SSE retry: hint
     close_timeout_s: float = 2.0  # for the last frame of a stream we end
+    direct_writes: bool = True  # SSE: live events straight to uvicorn's transport when caught up
 
 
 Headers = list[tuple[bytes, bytes]]
@@ -61,6 +63,61 @@ Headers = list[tuple[bytes, bytes]]
 
 def _headers(extra: dict[str, str]) -> Headers:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+
+
+def _sse_chunk(events: Sequence[Event]) -> bytes:
+    """SSE frames for ``events`` as one HTTP/1.1 chunk (shared by every connection)."""
+    frame = sse_events(events)
+    return b"%x\r\n" % len(frame) + frame + b"\r\n"
+
+
+class _UvicornSse:
+    """A :class:`Pusher` on uvicorn's httptools connection under a chunked streaming response.
+
+    Found through the ASGI ``receive`` callable, which is uvicorn's own bound method when no
+    middleware wraps it (the web node's stack passes it through). It writes an HTTP chunk to the
+    connection's transport: what uvicorn's ``send`` would do, without the ASGI send chain and
+    without waking the stream's task. ``writable`` is False while uvicorn's flow control has
+    paused writing (the peer is not reading): the event then takes the buffered path with its
+    send deadline, so a slow consumer is still cut off. Nothing in the response path may
+    transform body bytes (no compression middleware) for this to be valid.
+    """
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    encode = staticmethod(_sse_chunk)
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+        self._flow = cycle.flow
+        self._transport = cycle.transport
+
+    @classmethod
+    def find(cls, receive: Receive) -> _UvicornSse | None:
+        """The pusher of this response, or None (another server, or a wrapped ``receive``)."""
+        cycle = getattr(receive, "__self__", None)
+        if (
+            cycle is None
+            or type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl"
+            or getattr(cycle, "chunked_encoding", None) is not True
+            or getattr(cycle, "response_started", None) is not True
+            or not hasattr(getattr(cycle, "flow", None), "write_paused")
+            or not hasattr(getattr(cycle, "transport", None), "is_closing")
+        ):
+            return None
+        return cls(cycle)
+
+    def writable(self) -> bool:
+        cycle = self._cycle
+        return not (
+            cycle.disconnected
+            or cycle.response_complete
+            or self._flow.write_paused
+            or self._transport.is_closing()
+        )
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
 
 
 async def _watch_disconnect(receive: Receive, sub: Subscription) -> None:
@@ -128,6 +185,8 @@ class EventStreamResponse(Response):
             if not await out.write(sse_retry(config.reconnect_ms) + sse_events(self.first)):
                 return
             sub.sent(self.first)
+            if config.direct_writes:
+                sub.attach(_UvicornSse.find(receive))
             while sub.is_open:
                 events = await sub.next_events(config.heartbeat_interval_s)
                 if events:
