@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -71,8 +72,11 @@ def up(topology: Path | None, data_dir: Path, port_base: int) -> None:
 def status(data_dir: Path, port_base: int | None, as_json: bool) -> None:
     """Every node: name, role, pid, address, state, key figures."""
     cluster = _control(data_dir, port_base, lambda c: c.cluster())
+    from photostack.ops._shard_status import fetch_shard_skew, print_shard_skew
+
+    skew = fetch_shard_skew(data_dir, port_base)  # per group: rows, tx/s, std/mean per shard
     if as_json:
-        click.echo(json.dumps(cluster, indent=2))
+        click.echo(json.dumps({**cluster, "shard_skew": skew}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -97,6 +101,7 @@ def status(data_dir: Path, port_base: int | None, as_json: bool) -> None:
     from photostack.ops._replication_status import print_replication
 
     print_replication(console, data_dir, port_base)
+    print_shard_skew(console, skew)
 
 
 @cli.command()
@@ -361,14 +366,15 @@ def directory_show(data_dir: Path, port_base: int | None, as_json: bool) -> None
             owned = sum(1 for p in group["placement"] if p == shard["index"])
             replicas = ", ".join(r["name"] for r in shard["replicas"]) or "no replica"
             click.echo(
-                f"    shard {shard['index']}: {shard['primary']['name']} ({replicas}), "
+                f"    shard {shard['index'] + 1}: {shard['primary']['name']} ({replicas}), "
                 f"{owned} logical"
             )
 
 
 @cli.group()
 def reshard() -> None:
-    """Online resharding: add a shard, move a hot shard, watch, cancel (docs/resharding.md)."""
+    """Online resharding: add or remove a shard, move a hot shard, watch, cancel
+    (docs/resharding.md)."""
 
 
 def _echo_move(move: dict[str, Any]) -> None:
@@ -379,7 +385,10 @@ def _echo_move(move: dict[str, Any]) -> None:
         if progress.get(k) is not None
     )
     new = move.get("new_shard") or {}
+    removed = move.get("removed_shard") or {}
     target = f" -> {new['name']}" if new else ""
+    if removed:
+        target = f" shard {removed['number']} ({removed['name']})"
     click.echo(
         f"move {move['id']}: {move['kind']} {move['group']}{target}: {move['state']}, "
         f"{move['moves']} of {move['logical_shards']} logical shards"
@@ -398,6 +407,25 @@ def reshard_add_shard(group: str, data_dir: Path, port_base: int | None) -> None
         data_dir,
         port_base,
         lambda c: c.request("POST", f"/v1/reshard/{group}/add-shard"),
+        timeout_s=180.0,
+    )
+    _echo_move(move)
+
+
+@reshard.command(name="remove-shard")
+@click.argument("group")
+@click.argument("shard")
+@_data_dir_option
+@_port_base_option
+def reshard_remove_shard(group: str, shard: str, data_dir: Path, port_base: int | None) -> None:
+    """Empty GROUP's shard SHARD (1-based, as `directory show` numbers them) onto the others,
+    online, then stop its nodes; the shards after it are renumbered down by one."""
+    move = _control(
+        data_dir,
+        port_base,
+        lambda c: c.request(
+            "POST", f"/v1/reshard/{quote(group, safe='')}/remove-shard/{quote(shard, safe='')}"
+        ),
         timeout_s=180.0,
     )
     _echo_move(move)
@@ -431,7 +459,7 @@ def reshard_status(data_dir: Path, port_base: int | None, as_json: bool) -> None
     for load in status["load"]:
         click.echo(
             f"  {load['group']}: tx/s per shard {load['tps']}, "
-            f"photostack_shard_skew={load['skew']} (hottest: shard {load['hottest']})"
+            f"load skew (std/mean) {load['skew']} (hottest: shard {load['hottest']})"
         )
     for move in status["moves"]:
         _echo_move(move)

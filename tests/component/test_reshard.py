@@ -336,3 +336,126 @@ def test_hot_shard_moves_logical_shards_to_the_coolest(pg_server: PostgresServer
             await app.close()
 
     asyncio.run(main())
+
+
+async def _ownership(dsn: str) -> set[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r["logical_shard"] for r in await conn.fetch("SELECT * FROM shard_ownership")}
+    finally:
+        await conn.close()
+
+
+async def _rows(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT (SELECT count(*) FROM following) + (SELECT count(*) FROM followers)"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def test_remove_middle_shard_under_concurrent_writes(pg_server: PostgresServer) -> None:
+    """3 shards (two from the topology, one added), then the middle one removed while writes
+    go on: the third is renumbered 2, every edge is on its one owner, the ownership rows match
+    the map, the removed shard holds nothing, and a resumed cleaning deletes from the right
+    database (by member name, not by the renumbered position)."""
+
+    async def main() -> None:
+        directory, first, new_dsn = await _setup(pg_server)
+        middle_dsn = first.group("social").shards[1].primary.dsn
+        app = App(directory)
+        store = await app.start()
+        try:
+            users = await _users(store)
+            expected: set[tuple[str, str]] = set()
+            rng = random.Random(4)
+            while len(expected) < 250:
+                a, b = rng.sample(users, 2)
+                await store.follow(a, b)
+                expected.add((a, b))
+            config = ReshardConfig(batch_rows=40, grace_s=0.2)
+            executor = ReshardExecutor(directory, config)
+            added = await executor.run(
+                await executor.plan(
+                    MoveKind.ADD_SHARD, "social", new_endpoint=rec_endpoint(new_dsn)
+                )
+            )
+            assert added.state is MoveState.DONE
+            for bad, reason in ((4, "no shard 4 .shards 1..3."), (0, "no shard 0")):
+                with pytest.raises(ReshardError, match=reason):
+                    await executor.plan(MoveKind.REMOVE_SHARD, "social", shard=bad)
+            with pytest.raises(ReshardError, match="one shard; it cannot be removed"):
+                await executor.plan(MoveKind.REMOVE_SHARD, "photos", shard=1)
+            assert len(await executor.moves()) == 1  # refused: nothing recorded
+
+            rec = await executor.plan(MoveKind.REMOVE_SHARD, "social", shard=2)
+            owned_before = set((await executor.current_map()).group("social").owned_by(1))
+            assert set(rec.moves) == owned_before
+            assert set(rec.moves.values()) == {0, 2}  # to the others, numbered as planned
+            assert rec.to_json()["removed_shard"] == {"number": 2, "name": "social_2"}
+            stop = asyncio.Event()
+            writes = asyncio.create_task(_write_loop(store, users, expected, stop))
+            rec = await executor.run(rec, stop_at=MoveState.CLEANING)
+            # the map is renumbered: social_3 is shard 2 now; the old copies are still there
+            social = (await executor.current_map()).group("social")
+            assert [s.primary.name for s in social.shards] == ["social_1", "social_3"]
+            assert await _rows(middle_dsn) > 0
+            done = await ReshardExecutor(directory, config).run(rec)  # resumed cleaning
+            stop.set()
+            assert await writes > 0
+            assert done.state is MoveState.DONE
+            assert done.retired_nodes() == ["social_2"]
+            await _placement_check(directory, expected, executor)
+            assert await _rows(middle_dsn) == 0
+            assert await _ownership(middle_dsn) == set()
+            social = (await executor.current_map()).group("social")
+            assert len(social.owned_by(0)) + len(social.owned_by(1)) == 128
+            for shard in social.shards:
+                assert await _ownership(shard.primary.dsn) == set(social.owned_by(shard.index))
+            for a in users[:20]:
+                page = await store.list_edges(EdgeKind.FOLLOWING, a, 100, None)
+                assert {u["id"] for u in page.items} == {b for x, b in expected if x == a}
+            with pytest.raises(ReshardError, match="no shard 3"):
+                await executor.plan(MoveKind.REMOVE_SHARD, "social", shard=3)
+        finally:
+            await app.close()
+
+    asyncio.run(main())
+
+
+def test_cancel_a_removal_leaves_the_shard_in_place(pg_server: PostgresServer) -> None:
+    async def main() -> None:
+        directory, first, _ = await _setup(pg_server)
+        removed_dsn = first.group("social").shards[1].primary.dsn
+        app = App(directory)
+        store = await app.start()
+        try:
+            users = await _users(store)
+            expected: set[tuple[str, str]] = set()
+            rng = random.Random(6)
+            while len(expected) < 120:
+                a, b = rng.sample(users, 2)
+                await store.follow(a, b)
+                expected.add((a, b))
+            config = ReshardConfig(batch_rows=25, grace_s=0.0)
+            executor = ReshardExecutor(directory, config)
+            rec = await executor.plan(MoveKind.REMOVE_SHARD, "social", shard=2)
+            rows_before = await _rows(removed_dsn)
+            rec = await executor.run(rec, stop_at=MoveState.CATCHING_UP)
+            await store.follow(users[0], users[1])  # still captured, still on its owner
+            expected.add((users[0], users[1]))
+            cancelled = await ReshardExecutor(directory, config).cancel(rec)
+            assert cancelled.state is MoveState.CANCELLED
+            assert (await executor.current_map()).version == 1
+            assert len((await executor.current_map()).group("social").shards) == 2
+            assert await _rows(removed_dsn) >= rows_before
+            assert await _ownership(removed_dsn) == set(first.group("social").owned_by(1))
+            await _placement_check(directory, expected, executor)  # nothing left on social_1
+        finally:
+            await app.close()
+
+    asyncio.run(main())

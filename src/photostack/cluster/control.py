@@ -72,8 +72,9 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
     roles = RoleKeeper(supervisor, lambda: info.ready)  # failover: follow the map (_roles.py)
     supervisor.before_launch = roles.before_launch
     supervisor.watchers.append(roles.run)
-    reshard = ReshardControl(supervisor, Path(info.data_dir))  # docs/resharding.md
-    supervisor.watchers.append(reshard.resume)
+    # docs/resharding.md; photostack_shard_skew{group} in the registry, sampled by a watcher
+    reshard = ReshardControl(supervisor, Path(info.data_dir), registry)
+    supervisor.watchers += [reshard.resume, reshard.sample_metrics_forever]
 
     def node_or_404(name: str) -> ManagedNode:
         node = supervisor.nodes.get(name)

@@ -21,11 +21,13 @@ from photostack.ops._bench_cache import run_cache_suite
 from photostack.ops._bench_cache_product import run_cache_product_suite
 from photostack.ops._bench_cdn import run_cdn_suite
 from photostack.ops._bench_failover import run_failover_suite
+from photostack.ops._bench_indexes import run_indexes_suite
 from photostack.ops._bench_pathrun import _finite, run_path_suite
 from photostack.ops._bench_proxy import run_proxy_suite
 from photostack.ops._bench_queue import run_queue_suite
 from photostack.ops._bench_realtime import run_realtime_suite
 from photostack.ops._bench_report import detect_machine
+from photostack.ops._bench_reshard import run_reshard_suite
 from photostack.ops._bench_ring import run_ring_suite
 from photostack.ops._bench_uploads import run_uploads_suite
 from photostack.ops.benchsuite import (
@@ -62,6 +64,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("uploads", "Upload-to-thumbnail latency p50/p99 vs Pillow in-process", run_uploads_suite),
     Suite("cdn", "A cached 10 KB object: CDN edge vs nginx serving the file", run_cdn_suite),
     Suite("failover", "Primary kill: writes resume p50/max, loss; reads; sync", run_failover_suite),
+    Suite("reshard", "add-shard under load: keys moved vs k/(n+1), failures", run_reshard_suite),
+    Suite("indexes", "Insert rows/s with all indexes vs each index dropped", run_indexes_suite),
 )
 
 

@@ -35,7 +35,9 @@ from photostack.blocks.realtime import Event, LogRead, channel_for
 from photostack.blocks.storage import HashModPartitioner, ShardRouter
 
 from ._codec import format_time
+from ._fenced import fenced
 from ._http import JSON_MEDIA_TYPE, ApiError, JsonResponse
+from .directory import NO_GUARD, OwnershipGuard
 from .settings import AppSettings
 
 if TYPE_CHECKING:
@@ -168,10 +170,15 @@ class EventStore:
         router: ShardRouter[Pool],
         retention: EventRetention | None = None,
         hot: HotEvents | None = None,
+        guard: OwnershipGuard = NO_GUARD,
     ) -> None:
         self._router = router
         self.retention = retention or EventRetention()
         self.hot = hot
+        # Appends (seq, row, count trim) are one transaction behind the ownership fence: a
+        # ``users`` shard a reshard emptied answers "wrong shard" and the append goes to the
+        # new owner (service/_fenced.py). The age trim is not fenced: see :meth:`trim_by_age`.
+        self._guard = guard
 
     def __repr__(self) -> str:
         return f"<EventStore hot={self.hot!r}>"
@@ -187,34 +194,37 @@ class EventStore:
         """
         if type_ not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type_!r}")
-        pool = self._router.shard_for("users", user_id)
         data_json = json.dumps(data, separators=(",", ":"))
+
+        async def append(conn: Any) -> tuple[int, datetime]:
+            seq = await conn.fetchval(
+                "INSERT INTO event_seqs (user_id, last_seq) VALUES ($1, 1) "
+                "ON CONFLICT (user_id) DO UPDATE SET last_seq = event_seqs.last_seq + 1 "
+                "RETURNING last_seq",
+                user_id,
+            )
+            at = await conn.fetchval(
+                "INSERT INTO events (user_id, seq, type, data, dedupe_key) "
+                "VALUES ($1, $2, $3, $4::jsonb, $5) "
+                "ON CONFLICT (user_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING "
+                "RETURNING at",
+                user_id,
+                seq,
+                type_,
+                data_json,
+                dedupe_key,
+            )
+            if at is None:
+                raise _Duplicate
+            await conn.execute(
+                "DELETE FROM events WHERE user_id = $1 AND seq <= $2",
+                user_id,
+                seq - self.retention.keep_count,
+            )
+            return seq, at
+
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                seq = await conn.fetchval(
-                    "INSERT INTO event_seqs (user_id, last_seq) VALUES ($1, 1) "
-                    "ON CONFLICT (user_id) DO UPDATE SET last_seq = event_seqs.last_seq + 1 "
-                    "RETURNING last_seq",
-                    user_id,
-                )
-                at = await conn.fetchval(
-                    "INSERT INTO events (user_id, seq, type, data, dedupe_key) "
-                    "VALUES ($1, $2, $3, $4::jsonb, $5) "
-                    "ON CONFLICT (user_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING "
-                    "RETURNING at",
-                    user_id,
-                    seq,
-                    type_,
-                    data_json,
-                    dedupe_key,
-                )
-                if at is None:
-                    raise _Duplicate
-                await conn.execute(
-                    "DELETE FROM events WHERE user_id = $1 AND seq <= $2",
-                    user_id,
-                    seq - self.retention.keep_count,
-                )
+            seq, at = await fenced(self._router, self._guard, "users", [user_id], append)
         except _Duplicate:
             return None
         event = Event(seq, type_, encode_event(seq, type_, data_json, at))
@@ -244,7 +254,13 @@ class EventStore:
         return LogRead(events, more=len(rows) > limit)
 
     async def trim_by_age(self) -> int:
-        """Delete events older than ``keep_age_s``, in bounded batches per shard. Returns rows."""
+        """Delete events older than ``keep_age_s``, in bounded batches per shard. Returns rows.
+
+        Not behind the ownership fence, on purpose: it keys on age, not on a user, and deletes
+        only rows past retention, a predicate every copy of a row shares. During a reshard a
+        trim on the old owner deletes either a stale copy (after the fence) or a row the new
+        owner's own trim deletes too (before it, the capture replays the delete); it can never
+        lose a row that should be kept nor resurrect one."""
         r = self.retention
         total = 0
         for pool in self._router.shards("users"):
@@ -266,15 +282,18 @@ class EventStore:
             await self.hot.aclose()
 
 
-def event_store_for(settings: AppSettings, router: ShardRouter[Pool]) -> EventStore:
-    """The app node's event store: retention from settings, hot copy when there are caches."""
+def event_store_for(
+    settings: AppSettings, router: ShardRouter[Pool], guard: OwnershipGuard = NO_GUARD
+) -> EventStore:
+    """The app node's event store: retention from settings, hot copy when there are caches,
+    appends behind ``guard`` (the app's MapGuard when it routes by the directory's map)."""
     retention = EventRetention(
         keep_count=settings.events_keep_count,
         keep_age_s=settings.events_keep_age_s,
         hot_count=settings.events_hot_count,
     )
     nodes = [(p.host, p.port) for p in settings.cache_nodes]
-    return EventStore(router, retention, HotEvents(nodes, retention) if nodes else None)
+    return EventStore(router, retention, HotEvents(nodes, retention) if nodes else None, guard)
 
 
 def events_json(read: LogRead) -> bytes:

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 from fastapi import FastAPI
@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from photostack.blocks.storage import ShardRouter, scatter_gather, stable_hash64
 
+from ._fenced import execute, fenced, fenced_each
 from ._http import ApiError, JsonResponse
 from ._jobs_sql import (
     ADD_REVERSE,
@@ -82,6 +83,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The cleanup of one deleted user, in order; the reached stage is recorded after each one.
 STAGES = ("username", "photos", "following", "followers", "events", "done")
@@ -175,13 +177,15 @@ class Jobs:
     async def delete_user(self, user_id: str) -> dict[str, Any]:
         """Record the deletion and remove the user row at once (reads answer 404 from now on);
         the cleanup job removes the rest. Idempotent. Raises UserNotFoundError."""
-        pool = self._router.shard_for("users", user_id)
-        async with pool.acquire() as conn, conn.transaction():
+
+        async def record(conn: Any) -> Any:
             username = await conn.fetchval(USER_FOR_DELETE, user_id)
             if username is not None:
                 await conn.execute(RECORD_DELETION, user_id, username)
                 await conn.execute(DELETE_USER, user_id)
-            row = await conn.fetchrow(DELETION, user_id)
+            return await conn.fetchrow(DELETION, user_id)
+
+        row = await self._fenced("users", [user_id], record)
         if row is None:
             raise UserNotFoundError(user_id)
         await self._invalidate([f"user:{user_id}", f"username:{row['username']}"])
@@ -201,13 +205,20 @@ class Jobs:
                     break
         return {"finished": len(finished), "users": finished[:20]}
 
+    def _fenced(
+        self, group: str, keys: Sequence[str], action: Callable[[Any], Awaitable[T]]
+    ) -> Awaitable[T]:
+        """``action(conn)`` on the keys' owner behind the ownership fence (service/_fenced.py):
+        every repair and cleanup write here is one, so none lands on a shard a reshard emptied."""
+        return fenced(self._router, self._guard, group, keys, action)
+
     async def _clean_one(self, shard: Pool, user_id: str, username: str, stage: str) -> None:
+        # ``shard`` found the deletion; its writes go to the user's owner now (a reshard may
+        # have moved it since): each is a fenced transaction on the user's (or name's) key.
         start = STAGES.index(stage) if stage in STAGES else 0
         for step in STAGES[start:-1]:
             if step == "username":
-                await self._router.shard_for("users", username).execute(
-                    RELEASE_NAME, username, user_id
-                )
+                await self._fenced("users", [username], execute(RELEASE_NAME, username, user_id))
             elif step == "photos":
                 await self._delete_photos(user_id)
             elif step == "following":
@@ -215,10 +226,15 @@ class Jobs:
             elif step == "followers":
                 await self._delete_edges(REVERSE, user_id)
             elif step == "events":
-                await shard.execute(DELETE_EVENTS, user_id, _ALL_SEQ)
-                await shard.execute(DELETE_SEQ, user_id)
-            await shard.execute(ADVANCE, user_id, STAGES[STAGES.index(step) + 1])
-        await shard.execute(FINISH, user_id)
+
+                async def drop_events(conn: Any) -> None:
+                    await conn.execute(DELETE_EVENTS, user_id, _ALL_SEQ)
+                    await conn.execute(DELETE_SEQ, user_id)
+
+                await self._fenced("users", [user_id], drop_events)
+            following = STAGES[STAGES.index(step) + 1]
+            await self._fenced("users", [user_id], execute(ADVANCE, user_id, following))
+        await self._fenced("users", [user_id], execute(FINISH, user_id))
         log.info("user %s deleted everywhere", user_id)
 
     async def _delete_photos(self, owner_id: str) -> None:
@@ -235,16 +251,20 @@ class Jobs:
 
     async def _delete_edges(self, edge: Edge, user_id: str) -> None:
         """The user's rows of ``edge.table`` and, first, their twins on the others' shards."""
-        own = self._router.shard_for("social", user_id)
         while True:
+            own = self._router.shard_for("social", user_id)
             rows = await own.fetch(edge.list_sql(), user_id, self.config.batch_size)
             others = [r["other"] for r in rows]
             if not others:
                 return
-            shards = self._router.shards("social")
-            for index, keys in self._router.split_by_shard("social", others).items():
-                await shards[index].execute(edge.delete_twins_sql(), keys, user_id)
-            await own.execute(edge.delete_own_sql(), user_id, others)
+            await fenced_each(
+                self._router,
+                self._guard,
+                "social",
+                others,
+                lambda c, keys: c.execute(edge.delete_twins_sql(), keys, user_id),
+            )
+            await self._fenced("social", [user_id], execute(edge.delete_own_sql(), user_id, others))
             changed = [f"{edge.twin_table}:{o}" for o in others] + [f"user:{o}" for o in others]
             await self._invalidate([*changed, f"{edge.table}:{user_id}", f"user:{user_id}"])
 
@@ -299,22 +319,27 @@ class Jobs:
                 if row["other"] not in others or (row["user_id"], row["other"]) in present:
                     continue
                 if edge is FORWARD:  # forward without reverse: add the twin, same time
-                    await shards[index].execute(
-                        ADD_REVERSE, row["other"], row["user_id"], row["created_at"]
+                    await self._fenced(
+                        "social",
+                        [row["other"]],
+                        execute(ADD_REVERSE, row["other"], row["user_id"], row["created_at"]),
                     )
                     counts["reverse_added"] += 1
                     await self._invalidate([f"followers:{row['other']}", f"user:{row['other']}"])
-                else:  # reverse without forward: the forward edge is the truth
-                    own = self._router.shard_for("social", row["user_id"])
-                    if (
-                        await shards[index].fetchval(FORWARD_EXISTS, row["other"], row["user_id"])
-                        is None
-                    ):
-                        await own.execute(DROP_REVERSE, row["user_id"], row["other"])
-                        counts["reverse_dropped"] += 1
-                        await self._invalidate(
-                            [f"followers:{row['user_id']}", f"user:{row['user_id']}"]
-                        )
+                # reverse without forward: the forward edge is the truth
+                elif (
+                    await shards[index].fetchval(FORWARD_EXISTS, row["other"], row["user_id"])
+                    is None
+                ):
+                    await self._fenced(
+                        "social",
+                        [row["user_id"]],
+                        execute(DROP_REVERSE, row["user_id"], row["other"]),
+                    )
+                    counts["reverse_dropped"] += 1
+                    await self._invalidate(
+                        [f"followers:{row['user_id']}", f"user:{row['user_id']}"]
+                    )
 
     async def _load_state(self, job: JobName) -> dict[str, Any]:
         text = await self._router.shards("users")[0].fetchval(LOAD_STATE, job.value)

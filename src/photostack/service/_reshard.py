@@ -42,22 +42,17 @@ import asyncpg
 
 from photostack.blocks.storage import logical_name, stable_hash64
 
+from ._reshard_map import locate, plan_move, removal_successor
 from ._reshard_plan import (
     CANCELLABLE,
     GROUP_TABLES,
     NEXT,
-    SUPPORTED_GROUPS,
     TERMINAL,
     MoveKind,
-    MovePlan,
     MoveState,
     ReshardError,
     advance,
     ideal_fraction,
-    plan_add,
-    plan_hot,
-    plan_remove,
-    sources_of,
 )
 from ._reshard_sql import (
     CAPTURE,
@@ -155,53 +150,15 @@ class ReshardExecutor:
         """Persist a new move (PLANNED). ``shard`` is 1-based (remove-shard). Raises
         ReshardError (unknown group or shard, unsupported group, another move active...)."""
         current = await self.current_map()
-        if group not in current.groups:
-            known = ", ".join(sorted(current.groups))
-            raise ReshardError(f"unknown group {group!r} (groups: {known})")
-        if group not in SUPPORTED_GROUPS:
-            raise ReshardError(
-                f"resharding {group!r} is not supported yet (its event writes are not fenced); "
-                f"supported: {', '.join(sorted(SUPPORTED_GROUPS))}"
-            )
-        placed = current.group(group)
-        placement = [
-            placed.placement.entries[logical_name(i)] for i in range(placed.logical_shards)
-        ]
-        count = len(placed.shards)
-        move: MovePlan | None
-        if kind is MoveKind.ADD_SHARD:
-            if new_endpoint is None:
-                raise ReshardError("add-shard needs the new shard's endpoint")
-            move = plan_add(group, placement, count)
-        elif kind is MoveKind.REMOVE_SHARD:
-            if shard is None:
-                raise ReshardError("remove-shard needs a shard number")
-            move = plan_remove(group, placement, count, shard - 1)
-        else:
-            move = plan_hot(group, placement, count, loads or [])
-            if move is None:
-                raise ReshardError(f"{group}: no hot shard to move (load is even enough)")
-        body = {
-            "kind": kind.value,
-            "group": group,
-            "moves": {str(k): v for k, v in move.moves.items()},
-            "shard_count": count,
-            "logical_shards": move.logical_shards,
-            "new_shard": move.new_shard,
-            "removed_shard": move.removed_shard,
-            "new_endpoint": (
-                {"name": new_endpoint.name, "dsn": new_endpoint.dsn} if new_endpoint else None
-            ),
-            "base_version": current.version,
-            "sources": {str(s): ls for s, ls in sources_of(placement, move.moves).items()},
-        }
-        progress = {
-            "logical_moved": len(move.moves),
-            "logical_ideal": round(move.logical_shards * ideal_fraction(count), 2)
-            if kind is MoveKind.ADD_SHARD
-            else None,
-            "started_at": time.time(),
-        }
+        body, progress = plan_move(
+            current,
+            kind,
+            group,
+            new_endpoint=new_endpoint,
+            shard=shard,
+            loads=loads,
+            now=time.time(),
+        )
         async with self._directory() as conn:
             try:
                 row = await conn.fetchrow(
@@ -289,12 +246,23 @@ class ReshardExecutor:
     # -- shards --------------------------------------------------------------------------------
 
     async def _dsns(self, rec: MoveRecord) -> dict[int, str]:
-        """physical shard index -> primary DSN, from the current map (a failover may have moved
-        a primary) plus the shard being added."""
-        current = await self.current_map()
-        out = {s.index: s.primary.dsn for s in current.group(rec.group).shards}
+        """physical shard index *as the plan numbers it* -> primary DSN now.
+
+        A shard is looked up in the current map by its members' names (a failover may have
+        promoted a replica; a published remove-shard renumbered the shards after the removed
+        one). A shard the map no longer lists (the removed one, after its cut-over) keeps the
+        DSN it had when the move was planned; the shard being added is the plan's endpoint."""
+        current = (await self.current_map()).group(rec.group)
+        out: dict[int, str] = {}
+        where = locate(rec.plan, current)
+        for index in range(int(rec.plan["shard_count"])):
+            now = where.get(index)
+            if now is not None:
+                out[index] = current.shards[now].primary.dsn
+            else:
+                out[index] = str(rec.plan.get("dsns", {}).get(str(index), ""))
         new = rec.plan.get("new_endpoint")
-        if new is not None and rec.plan["new_shard"] not in out:
+        if new is not None:
             out[int(rec.plan["new_shard"])] = new["dsn"]
         return out
 
@@ -447,6 +415,8 @@ class ReshardExecutor:
                 )
 
     def _successor(self, rec: MoveRecord, current: ClusterMap) -> ClusterMap | None:
+        if rec.kind is MoveKind.REMOVE_SHARD:
+            return removal_successor({**rec.plan, "group": rec.group}, current)
         group = current.group(rec.group)
         moves = rec.moves
         placed = all(group.placement.entries[logical_name(k)] == t for k, t in moves.items())

@@ -32,6 +32,7 @@ __all__ = [
     "ReshardError",
     "Table",
     "advance",
+    "check_supported",
     "ideal_fraction",
     "plan_add",
     "plan_hot",
@@ -133,10 +134,26 @@ GROUP_TABLES: dict[str, tuple[Table, ...]] = {
         Table("user_deletions", "user_id", ("user_id",)),
     ),
 }
-# Groups whose every request-path write is fenced by the ownership guard. ``users`` is not yet:
-# event appends (service/_events.py) write without the guard, so a write from an app still on
-# the old map during a cut-over could land on the old owner after its final replay.
+# Groups a move may touch. Every write to a moved table is fenced now (the stores, event
+# appends, the jobs' repairs: service/_fenced.py), but ``users`` also holds what is not moved
+# by logical shard: the jobs' state and leases on its *first* shard (``job_state``, advisory
+# locks), and a failed sign-up's username-claim release (service/_store.py) is a bare delete.
 SUPPORTED_GROUPS = frozenset({"social", "photos"})
+UNSUPPORTED_WHY = {
+    "users": "the jobs' state and leases live on its first shard, and a failed sign-up's "
+    "claim release is not fenced",
+    "directory": "it is the shard map's own database",
+}
+
+
+def check_supported(group: str) -> None:
+    """Raises ReshardError (one line) unless moves of ``group`` are supported."""
+    if group not in SUPPORTED_GROUPS:
+        why = UNSUPPORTED_WHY.get(group, "no resharding plan for it")
+        raise ReshardError(
+            f"resharding {group!r} is not supported yet ({why}); "
+            f"supported: {', '.join(sorted(SUPPORTED_GROUPS))}"
+        )
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,21 @@ class MoveRecord:
     def moves(self) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.plan["moves"].items()}
 
+    def removed(self) -> dict[str, Any] | None:
+        """A remove-shard's shard: its 1-based number when planned and its primary's name."""
+        index = self.plan.get("removed_shard")
+        if index is None:
+            return None
+        names = self.plan.get("members", {}).get(str(index), [])
+        return {"number": int(index) + 1, "name": names[0] if names else None}
+
+    def retired_nodes(self) -> list[str]:
+        """The node names (primary and replicas) of the shard a remove-shard empties."""
+        index = self.plan.get("removed_shard")
+        if index is None:
+            return []
+        return [str(n) for n in self.plan.get("members", {}).get(str(index), [])]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -105,6 +120,7 @@ class MoveRecord:
             "logical_shards": self.plan["logical_shards"],
             "shards_before": self.plan["shard_count"],
             "new_shard": self.plan.get("new_endpoint"),
+            "removed_shard": self.removed(),
             "progress": {k: v for k, v in self.progress.items() if k not in ("cursors", "replay")},
             "error": self.error,
         }
