@@ -9,7 +9,10 @@ says so. The supervisor only starts processes, so :class:`RoleKeeper` makes it f
   back as a primary. A crashed primary of a replicated shard is held back while the coordinator
   fails it over (up to ``hold_s``; at once when the coordinator says it will not);
 - every second it reconciles running nodes: a node running as a primary that the map demoted
-  (a planned switchover, a healed partition) is stopped and rejoined as a replica;
+  (a planned switchover, a healed partition) is stopped and rejoined as a replica; a replica the
+  leading coordinator marks ``action: rebuild`` (it points at its primary but cannot stream from
+  it: a diverged timeline, WAL gone) is stopped, rebuilt from a fresh base backup of the primary
+  and restarted — redundancy restored;
 - control routes: ``POST /v1/failover/{shard}`` (``photostack failover SHARD``) and
   ``GET /v1/replication`` (the leader coordinator's view, for ``photostack status``).
 """
@@ -33,7 +36,7 @@ from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
 from photostack.cluster.topology import PRODUCT_GROUPS, Role
 
-__all__ = ["RoleKeeper", "desired_role", "replication_routes"]
+__all__ = ["RoleKeeper", "desired_role", "replicas_to_rebuild", "replication_routes"]
 
 log = logging.getLogger("photostack.roles")
 
@@ -60,6 +63,18 @@ def desired_role(shard_map: dict[str, Any], name: str) -> tuple[str, str, str, i
     return None
 
 
+def replicas_to_rebuild(leader_view: dict[str, Any] | None) -> dict[str, str]:
+    """``replica -> primary`` for every replica the leading coordinator marks for a rebuild."""
+    if not leader_view or not leader_view.get("leader"):
+        return {}
+    out = {}
+    for shard in leader_view.get("shards", {}).values():
+        for name, replica in shard.get("replicas", {}).items():
+            if replica.get("action") == "rebuild" and shard.get("primary_reachable"):
+                out[name] = str(shard["primary"])
+    return out
+
+
 class RoleKeeper:
     def __init__(
         self, supervisor: Supervisor, is_ready: Callable[[], bool], *, hold_s: float = 15.0
@@ -72,6 +87,9 @@ class RoleKeeper:
         self._reconciling = asyncio.Lock()
         self._mismatched: dict[str, int] = {}  # node -> rounds in a row it ran demoted
         self.rejoins = 0
+        self.rebuilds = 0
+        self.rebuild_interval_s = 60.0  # one rebuild per node per interval, whatever it says
+        self._rebuilt_at: dict[str, float] = {}
 
     async def _newest_map(self) -> dict[str, Any] | None:
         """The newest map any ready directory node serves: a node refreshes from the database
@@ -142,7 +160,9 @@ class RoleKeeper:
             engine.follow(*address)
         return not engine.standby_on_disk
 
-    async def _rejoin(self, node: ManagedNode, engine: PostgresEngine, primary: str) -> bool:
+    async def _rejoin(
+        self, node: ManagedNode, engine: PostgresEngine, primary: str, *, rebuild: bool = False
+    ) -> bool:
         """Rebuild ``node``'s PGDATA as a standby of ``primary`` (pg_rewind, else a base
         backup), retried while the new primary comes up; True when done."""
         deadline = time.monotonic() + self.rejoin_deadline_s
@@ -153,7 +173,10 @@ class RoleKeeper:
                     await asyncio.to_thread(engine.prepare)
                 except EngineError as exc:
                     log.warning("%s: rejoin failed (%s); retrying", node.name, exc)
-                    self._follow(engine, primary)  # prepare cleared the flag; set it again
+                    if rebuild:  # prepare cleared the flag; set it again
+                        engine.rebuild(target.spec.host, target.spec.port)
+                    else:
+                        self._follow(engine, primary)
                 else:
                     self.rejoins += 1
                     log.warning(
@@ -200,7 +223,7 @@ class RoleKeeper:
         newest = await self._newest_map()
         if newest is None:
             return []
-        done = []
+        done = await self._rebuild_stuck(newest)
         mismatched: dict[str, int] = {}
         for node in list(self.supervisor.nodes.values()):
             engine = self._storage(node)
@@ -222,6 +245,34 @@ class RoleKeeper:
                 done.append(node.name)
                 mismatched.pop(node.name, None)
         self._mismatched = mismatched
+        return done
+
+    async def _rebuild_stuck(self, newest: dict[str, Any]) -> list[str]:
+        """Rebuild the replicas the coordinator marks (see the module); the names rebuilt."""
+        done = []
+        for name, primary in replicas_to_rebuild(await self._leader_view()).items():
+            node = self.supervisor.nodes.get(name)
+            target = self.supervisor.nodes.get(primary)
+            engine = self._storage(node) if node is not None else None
+            wanted = desired_role(newest, name)
+            if (
+                node is None
+                or target is None
+                or engine is None
+                or wanted is None
+                or wanted[:2] != ("replica", primary)  # the map moved on since the view
+                or time.monotonic() - self._rebuilt_at.get(name, -1e9) < self.rebuild_interval_s
+            ):
+                continue
+            self._rebuilt_at[name] = time.monotonic()
+            log.warning("%s cannot stream from %s: rebuilding it from a base backup", name, primary)
+            with contextlib.suppress(CommandRefused):
+                await self.supervisor.stop(name)
+                engine.rebuild(target.spec.host, target.spec.port)
+                if await self._rejoin(node, engine, primary, rebuild=True):
+                    self.rebuilds += 1
+                await self.supervisor.start(name)
+                done.append(name)
         return done
 
     async def run(self) -> None:
@@ -269,6 +320,7 @@ def replication_routes(keeper: RoleKeeper) -> list[Route]:
                 status_code=503,
             )
         leader["rejoins"] = keeper.rejoins
+        leader["rebuilds"] = keeper.rebuilds
         return _JSON(leader)
 
     return [

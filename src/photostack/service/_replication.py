@@ -5,7 +5,8 @@
   write from an app routing by another epoch, and any write without the coordinator's lease
   (docs/replication.md). That refusal (SQLSTATE 25006, like a write to a standby) is answered
   503 ``primary_unavailable`` with Retry-After, and the map is refreshed at once.
-- Reads of the user store go through :class:`ReadPool`s (``reads`` router): each read asks
+- Client reads (the user store's, and the photo reads of the API: ``PhotoStore`` with
+  ``replica=True``) go through :class:`ReadPool`s (``reads`` router): each read asks
   :func:`~photostack.blocks.storage.choose_read` where to go, from the views a sampler refreshes
   every ``sample_interval_s`` (primary LSN and lease, each replica's replay LSN, receiver status
   and lag), and the request's read-your-writes token.
@@ -170,7 +171,7 @@ class Replication:
         )
         self.reads = Counter(
             "photostack_reads",
-            "Reads of the user store by target: primary, replica, stale, refused.",
+            "Client reads (user store, photos) by target: primary, replica, stale, refused.",
             ["target"],
             registry=registry,
         )

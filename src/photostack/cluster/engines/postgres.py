@@ -145,6 +145,7 @@ class PostgresEngine:
         self._config = config
         self._pgdata = config.pgdata.absolute()
         self._rejoin = False  # set by follow(): the next prepare turns PGDATA into a standby's
+        self._rebuild = False  # set by rebuild(): the next prepare replaces PGDATA
         self.rejoined_by = ""  # "pg_rewind" | "pg_basebackup" after a rejoin (status, tests)
 
     def __repr__(self) -> str:
@@ -180,6 +181,15 @@ class PostgresEngine:
         self._config = replace(self._config, primary=(host, port))
         self._rejoin = (self._pgdata / "PG_VERSION").is_file() and not self.standby_on_disk
 
+    def rebuild(self, host: str, port: int) -> None:
+        """From now on a streaming replica of ``host:port`` made from a *fresh* base backup: the
+        next :meth:`prepare` clones the primary into a staging directory and only then replaces
+        PGDATA (a replica that cannot follow its primary, one whose data was lost). If the
+        backup fails, PGDATA is left as it was."""
+        self._config = replace(self._config, primary=(host, port))
+        self._rebuild = True
+        self._rejoin = False
+
     def prepare(self) -> None:
         """Check the port, create PGDATA if missing, rewrite our settings. Raises EngineError.
 
@@ -187,6 +197,10 @@ class PostgresEngine:
         first.
         """
         ensure_port_free(self._config.host, self._config.port)
+        if self._rebuild and self._config.primary is not None:
+            self._base_backup(*self._config.primary, replace_existing=True)
+            self._rebuild = False
+            self.rejoined_by = "pg_basebackup"
         if self._rejoin and self._config.primary is not None:
             self._rejoin_as_standby(*self._config.primary)
             self._rejoin = False
@@ -275,14 +289,17 @@ class PostgresEngine:
             _INITDB_TIMEOUT_S,
         )
 
-    def _base_backup(self, primary_host: str, primary_port: int) -> None:
-        """Clone the primary into a staging directory, then rename it into place.
+    def _base_backup(
+        self, primary_host: str, primary_port: int, *, replace_existing: bool = False
+    ) -> None:
+        """Clone the primary into a staging directory, then rename it into place (with
+        ``replace_existing``, over the current PGDATA, which is removed only then).
 
         ``-R`` writes ``standby.signal`` and ``primary_conninfo``; the application_name in the
         connection string ends up in ``primary_conninfo``, so ``synchronous_standby_names`` on
         the primary can name this replica.
         """
-        if self._pgdata.is_dir() and any(self._pgdata.iterdir()):
+        if not replace_existing and self._pgdata.is_dir() and any(self._pgdata.iterdir()):
             raise EngineError(f"{self._pgdata} is not empty and is not a postgres data directory")
         staging = basebackup_staging(self._pgdata)
         shutil.rmtree(staging, ignore_errors=True)
@@ -307,6 +324,11 @@ class PostgresEngine:
                 "pg_basebackup",
                 _BASEBACKUP_TIMEOUT_S,
             )
+            if replace_existing and self._pgdata.is_dir() and any(self._pgdata.iterdir()):
+                old = self._pgdata.with_name(f".{self._pgdata.name}.replaced")
+                shutil.rmtree(old, ignore_errors=True)
+                self._pgdata.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
             # rename(2) replaces an empty directory, such as the data home made for root.
             staging.rename(self._pgdata)
         except BaseException:

@@ -175,5 +175,6 @@ REPLICA_SAMPLE = """
 SELECT pg_is_in_recovery() AS in_recovery,
        pg_last_wal_receive_lsn()::text AS receive_lsn,
        pg_last_wal_replay_lsn()::text AS replay_lsn,
-       (SELECT status FROM pg_stat_wal_receiver) AS receiver
+       (SELECT status FROM pg_stat_wal_receiver) AS receiver,
+       current_setting('primary_conninfo') AS conninfo
 """

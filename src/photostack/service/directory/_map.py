@@ -268,9 +268,7 @@ def with_addresses_of(current: ClusterMap, layout_map: ClusterMap) -> ClusterMap
 
     shards = {
         name: [
-            PhysicalShard(
-                s.index, moved(s.primary), tuple(moved(r) for r in s.replicas), s.epoch
-            )
+            PhysicalShard(s.index, moved(s.primary), tuple(moved(r) for r in s.replicas), s.epoch)
             for s in g.shards
         ]
         for name, g in current.groups.items()
