@@ -5,6 +5,8 @@ and still served with one origin down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from photostack.blocks.media import MediaClient, MediaUnavailable, Origin
+from photostack.blocks.media import disk_file_name as file_name
 from photostack.cluster.topology import Layout, Role, layout, parse_topology
 from tests.cluster.harness import ONE_SHARD_STORES, RunningCluster, cluster_from_text
 
@@ -138,3 +141,38 @@ def test_status_lists_the_media_nodes(cluster: RunningCluster) -> None:
     for name in ("media-1", "media-2", "cdn-1"):
         assert name in status
     assert Path(cluster.data_dir / "media" / "media-2").is_dir()
+
+
+def test_the_cdn_disk_tier_survives_a_restart(cluster: RunningCluster) -> None:
+    static = f"http://127.0.0.1:{cluster.port_base + 1}"
+    lay = layout(parse_topology(TOPOLOGY), cluster.port_base)
+    data = PNG + b"disk tier"
+
+    async def put() -> str:
+        media = _client(lay, static)
+        try:
+            return (await media.put(data)).key
+        finally:
+            await media.aclose()
+
+    key = asyncio.run(put())
+    url = f"{static}/media/{key}"
+    on_disk = cluster.data_dir / "cdn" / "cdn-1" / file_name(key)[:2] / f"{file_name(key)}.obj"
+    with httpx.Client(timeout=10.0) as http:
+        assert http.get(url).headers["x-cache"] == "MISS"
+        deadline = time.monotonic() + 10
+        while not on_disk.exists():  # written through in the background
+            assert time.monotonic() < deadline, "the object never reached the disk tier"
+            time.sleep(0.05)
+        cluster.cli("stop", "cdn-1")
+        cluster.cli("start", "cdn-1")
+        deadline = time.monotonic() + 20
+        while True:  # the restarted edge re-indexed its directory: a hit without the origins
+            with contextlib.suppress(httpx.HTTPError):
+                again = http.get(url)
+                break
+            assert time.monotonic() < deadline, "cdn-1 did not come back"
+            time.sleep(0.1)
+        assert (again.status_code, again.headers["x-cache"]) == (200, "HIT")
+        assert again.headers["x-cache-tier"] == "disk"
+        assert again.content == data

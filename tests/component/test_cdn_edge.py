@@ -187,7 +187,8 @@ def test_200_concurrent_misses_make_one_origin_fetch() -> None:
                 base_url=f"http://127.0.0.1:{cdn.port}", limits=limits, timeout=20
             ) as client:
                 tasks = [asyncio.create_task(client.get(f"/media/{key}")) for _ in range(200)]
-                await until(lambda: cdn.flights.joined == 199)
+                # every miss joined the one fetch, and that fetch reached the (gated) origin
+                await until(lambda: cdn.flights.joined == 199 and origin.requests >= 1)
                 assert origin.requests == 1
                 origin.gate.set()
                 responses = await asyncio.gather(*tasks)

@@ -278,6 +278,8 @@ async def _drive_photos_and_jobs(
     assert page.next_cursor is not None
     await photos.list_photos(owner["id"], 2, page.next_cursor)
     await photos.set_status(made[0]["id"], PhotoStatus.READY, thumbnail_key="t")
+    await photos.set_status(made[2]["id"], PhotoStatus.FAILED, reason="undecodable")
+    assert await photos.referenced_keys(["t", "absent"]) == {"t"}  # the cleanup's lookup
     with pytest.raises(PhotoForbiddenError):
         await photos.delete_photo(made[1]["id"], other["id"])
     await photos.delete_photo(made[1]["id"], owner["id"])

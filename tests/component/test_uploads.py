@@ -31,7 +31,7 @@ from photostack.blocks.queue import (
 from photostack.service import app as app_node
 from photostack.service import tasks
 from photostack.service import web as web_node
-from photostack.service._uploads import DirMediaStore
+from photostack.service._uploads import DirMediaStore, media_store_from
 from photostack.service.schema import apply_schema
 from photostack.service.settings import AppSettings, Peer, WebSettings
 from photostack.service.testing import AppUnavailableError, ASGIAppClient, running
@@ -80,7 +80,7 @@ class FlakyMedia(DirMediaStore):
 class Stack:
     client: httpx.AsyncClient
     app: FastAPI
-    media: FlakyMedia
+    media: Any  # FlakyMedia, or the origins' store when the stack runs real origins
     roots: tuple[Path, Path]
     queue_dsn: str
     queue_name: str
@@ -122,7 +122,10 @@ async def stack(
     max_bytes: int = 10 * 1024 * 1024,
     queue_max_length: int = 100_000,
     fanout_limit: int = 1000,
+    media_config: dict[str, Any] | None = None,
+    static_base_url: str = BASE,
 ) -> AsyncIterator[Stack]:
+    """``media_config`` (web node and worker) replaces the two origin directories."""
     databases, queue_dsn = dbs
     queue_name = f"q{uuid.uuid4().hex[:10]}"
     roots = (tmp_path / "origin-1", tmp_path / "origin-2")
@@ -134,7 +137,7 @@ async def stack(
             storage=databases.storage,
             cache_nodes=(Peer("cache-1", redis_server.host, redis_server.port),),
             pool_max_size=4,
-            static_base_url=BASE,
+            static_base_url=static_base_url,
             jobs_enabled=False,
             queue_dsn=queue_dsn,
             queue_name=queue_name,
@@ -143,7 +146,11 @@ async def stack(
         )
     )
     app_client = ASGIAppClient(app, backend="app-1")
-    media_config = {"engine": "dir", "roots": [str(r) for r in roots], "base_url": BASE}
+    if media_config is None:
+        media_config = {"engine": "dir", "roots": [str(r) for r in roots], "base_url": BASE}
+        worker_media: Any = FlakyMedia(list(roots), BASE)
+    else:
+        worker_media = media_store_from(media_config)
     web = web_node.create_app(
         WebSettings(
             name="web-1",
@@ -161,7 +168,10 @@ async def stack(
         await wait_queue_ready(app)
         transport = httpx.ASGITransport(app=web)
         async with httpx.AsyncClient(transport=transport, base_url="http://web") as client:
-            yield Stack(client, app, FlakyMedia(list(roots), BASE), roots, queue_dsn, queue_name, r)
+            try:
+                yield Stack(client, app, worker_media, roots, queue_dsn, queue_name, r)
+            finally:
+                await worker_media.aclose()
     await r.aclose()
 
 

@@ -77,6 +77,15 @@ def test_topology_media_and_cdn_defaults_and_layout() -> None:
     assert [n.name for n in lay.nodes if n.name.startswith("media-")] == ["media-1", "media-2"]
 
 
+def test_the_cdn_disk_tier_keys() -> None:
+    topo = parse_topology(MINIMAL)
+    assert (topo.cdn_disk_cache_bytes, topo.cdn_disk_max_entry_bytes) == (1 << 30, 64 << 20)
+    set_ = parse_topology(MINIMAL + "[cdn]\ndisk_cache_bytes = 5000000\n")
+    assert (set_.cdn_disk_cache_bytes, set_.cdn_disk_max_entry_bytes) == (5_000_000, 5_000_000)
+    off = parse_topology(MINIMAL + "[cdn]\ndisk_cache_bytes = 0\n")
+    assert off.cdn_disk_cache_bytes == 0  # memory only
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -85,6 +94,8 @@ def test_topology_media_and_cdn_defaults_and_layout() -> None:
         "[cdn]\ncache_bytes = 10\n",
         "[cdn]\ncache_bytes = 2000000\nmax_entry_bytes = 3000000\n",
         "[cdn]\nttl = 3\n",
+        "[cdn]\ndisk_cache_bytes = -1\n",
+        "[cdn]\ndisk_cache_bytes = 2000000\ndisk_max_entry_bytes = 3000000\n",
         "[media]\ncount = 0\n",
         "[media]\nreplicas = 2\n",
     ],

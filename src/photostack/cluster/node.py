@@ -42,10 +42,34 @@ def _serve_asgi(app: Any, host: str, port: int) -> None:
 
 class _DrainingServer(uvicorn.Server):
     """Calls the app's ``state.drain()`` (if any) before the graceful shutdown: long-lived
-    streams get their reconnect hint (SSE retry + close, WebSocket 1012) instead of a cut."""
+    streams get their reconnect hint (SSE retry + close, WebSocket 1012) instead of a cut.
+
+    SIGUSR1 runs the same drain without stopping: ``photostack stop`` sends it once the node is
+    out of its pool, so streams close at once instead of being waited for as requests.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._drains: set[asyncio.Task[None]] = set()
+
+    def _drain_hook(self) -> Any:
+        return getattr(getattr(self.config.app, "state", None), "drain", None)
+
+    async def startup(self, sockets: Any = None) -> None:
+        drain = self._drain_hook()
+        if drain is not None:  # before the socket listens: ready implies the handler is there
+            loop = asyncio.get_running_loop()
+
+            def on_drain_signal() -> None:
+                task = loop.create_task(drain())
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+
+            loop.add_signal_handler(signal.SIGUSR1, on_drain_signal)
+        await super().startup(sockets)
 
     async def shutdown(self, sockets: Any = None) -> None:
-        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        drain = self._drain_hook()
         if drain is not None:
             await drain()
         await super().shutdown(sockets)
@@ -202,6 +226,9 @@ def _run_cdn(spec: dict[str, Any]) -> None:
         cache_bytes=int(raw["cache_bytes"]),
         max_entry_bytes=int(raw["max_entry_bytes"]),
         max_object_bytes=int(raw["max_object_bytes"]),
+        disk_root=Path(raw["disk_root"]) if raw.get("disk_root") else None,
+        disk_cache_bytes=int(raw.get("disk_cache_bytes", 1 << 30)),
+        disk_max_entry_bytes=int(raw.get("disk_max_entry_bytes", 64 << 20)),
     )
     uvloop.run(_until_signalled(CdnServer(config)))
 

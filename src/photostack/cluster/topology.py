@@ -129,6 +129,8 @@ class Topology:
     cdn_engine: str = "photostack"
     cdn_cache_bytes: int = 256 * 1024 * 1024
     cdn_max_entry_bytes: int = 16 * 1024 * 1024
+    cdn_disk_cache_bytes: int = 1024 * 1024 * 1024  # the photostack CDN's disk tier; 0: none
+    cdn_disk_max_entry_bytes: int = 64 * 1024 * 1024
 
     @property
     def queue_storage(self) -> StorageGroup:
@@ -674,7 +676,12 @@ def _media_cdn(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     _only(media, {"count", "max_object_bytes"}, where)
     cdn = _table(raw, "cdn", source)
     cdn_where = f"{source} [cdn]"
-    _only(cdn, {"count", "engine", "cache_bytes", "max_entry_bytes"}, cdn_where)
+    _only(
+        cdn,
+        {"count", "engine", "cache_bytes", "max_entry_bytes", "disk_cache_bytes",
+         "disk_max_entry_bytes"},
+        cdn_where,
+    )  # fmt: skip
     _int(cdn, "count", 1, cdn_where, low=1, high=1)  # one static host
     engine = _str(cdn, "engine", "photostack", cdn_where)
     if engine not in CDN_ENGINES:
@@ -684,6 +691,13 @@ def _media_cdn(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     )
     default_entry = min(16 * 1024 * 1024, cache_bytes)
     max_entry = _int(cdn, "max_entry_bytes", default_entry, cdn_where, low=1024, high=cache_bytes)
+    disk_bytes = _int(
+        cdn, "disk_cache_bytes", 1024 * 1024 * 1024, cdn_where, low=0, high=_MAX_CACHE_BYTES
+    )
+    disk_entry = _int(
+        cdn, "disk_max_entry_bytes", min(64 * 1024 * 1024, max(disk_bytes, 1024)), cdn_where,
+        low=1024, high=max(disk_bytes, 1024),
+    )  # fmt: skip
     return {
         "media_count": _int(media, "count", 2, where, low=1, high=_MAX_COUNT),
         "media_max_object_bytes": _int(
@@ -692,6 +706,8 @@ def _media_cdn(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         "cdn_engine": engine,
         "cdn_cache_bytes": cache_bytes,
         "cdn_max_entry_bytes": max_entry,
+        "cdn_disk_cache_bytes": disk_bytes,
+        "cdn_disk_max_entry_bytes": disk_entry,
     }
 
 

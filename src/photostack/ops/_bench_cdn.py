@@ -39,6 +39,7 @@ OBJECT_BYTES = 10 * 1024
 SERVER = "server"
 NGINX = "nginx 1.31 static file (1 worker)"
 CDN = "photostack CDN edge (cache hit)"
+CDN_DISK = "photostack CDN edge (disk-tier hit)"
 ROUNDS = 3
 _MIN_WINDOW_S = 3.0
 _READY_DEADLINE_S = 30.0
@@ -103,7 +104,10 @@ def _node(work: Path, name: str, role: str, port: int, settings: dict[str, Any])
 
 
 @contextlib.contextmanager
-def _cdn(work: Path, data: bytes) -> Iterator[tuple[int, ServerProcess]]:
+def _cdn(work: Path, data: bytes, *, disk: bool = False) -> Iterator[tuple[int, ServerProcess]]:
+    """An origin and a CDN node; ``disk``: the object is too large for the memory tier
+    (``max_entry_bytes`` below it), so every hit is read from the disk tier."""
+    work.mkdir(parents=True, exist_ok=True)
     key = key_of(data)
     ContentStore(work / "origin").put(key, data)
     origin_port, cdn_port = free_port(HOST), free_port(HOST)
@@ -113,14 +117,19 @@ def _cdn(work: Path, data: bytes) -> Iterator[tuple[int, ServerProcess]]:
             "origins": [{"name": "media-1", "host": HOST, "port": origin_port}],
             "purge_port": None,
             "cache_bytes": 64 * 1024 * 1024,
-            "max_entry_bytes": 16 * 1024 * 1024,
+            "max_entry_bytes": 1024 if disk else 16 * 1024 * 1024,
             "max_object_bytes": 64 * 1024 * 1024,
+            "disk_root": str(work / "cdn-disk") if disk else None,
         }
         cdn = _node(work, "cdn-1", "cdn", cdn_port, settings)
         try:
             status, _ = _get(cdn_port, f"/media/{key}")
-            if status != 200 or _get(cdn_port, f"/media/{key}")[1].get("x-cache") != "HIT":
-                raise BenchError(f"the CDN does not serve the object from cache ({status})")
+            tier = "disk" if disk else "memory"
+            deadline = time.monotonic() + _READY_DEADLINE_S
+            while _get(cdn_port, f"/media/{key}")[1].get("x-cache-tier") != tier:
+                if status != 200 or time.monotonic() > deadline:  # disk: written in background
+                    raise BenchError(f"the CDN does not serve the object from {tier} ({status})")
+                time.sleep(_POLL_S)
             yield cdn_port, cdn
         finally:
             cdn.stop(10.0)
@@ -242,8 +251,13 @@ def measure_cdn(options: SuiteOptions, out: Out) -> list[CdnTarget]:
             contextlib.ExitStack() as stack,
         ):
             nginx_port, nginx = stack.enter_context(_nginx(work, data))
-            cdn_port, cdn = stack.enter_context(_cdn(work, data))
-            targets = [(NGINX, nginx_port, nginx.pid), (CDN, cdn_port, cdn.pid)]
+            cdn_port, cdn = stack.enter_context(_cdn(work / "memory", data))
+            disk_port, disk = stack.enter_context(_cdn(work / "disk", data, disk=True))
+            targets = [
+                (NGINX, nginx_port, nginx.pid),
+                (CDN, cdn_port, cdn.pid),
+                (CDN_DISK, disk_port, disk.pid),
+            ]
             runs: dict[str, list[CdnTarget]] = {label: [] for label, _, _ in targets}
             for round_no in range(1, ROUNDS + 1):
                 for label, port, pid in targets:
@@ -293,6 +307,10 @@ def cdn_section(targets: Sequence[CdnTarget], options: SuiteOptions) -> Section:
             f"throughput, CDN edge ÷ nginx: **{fmt(rps, 2)}{TIMES}**",
             f"server CPU per request, CDN edge ÷ nginx: **{fmt(cpu, 2)}{TIMES}**",
         ]
+    on_disk = by.get(CDN_DISK)
+    if on_disk is not None and cdn is not None:
+        rps = _ratio(on_disk.load.requests_per_s, cdn.load.requests_per_s)
+        bullets.append(f"throughput, disk-tier hit ÷ memory hit: **{fmt(rps, 2)}{TIMES}**")
     intro = Paragraph(
         f"GET of one {OBJECT_BYTES // 1024} KB object ({OBJECT_BYTES:,} bytes, content-addressed "
         "key) from the photostack CDN edge (one process, uvloop + httptools, the object in its "
@@ -301,7 +319,9 @@ def cdn_section(targets: Sequence[CdnTarget], options: SuiteOptions) -> Section:
         "(sendfile, open_file_cache, the same Cache-Control), with the same load generator "
         f"(photostack.ops.loadgen, {options.concurrency} keep-alive connections, in the bench "
         f"process). {ROUNDS} interleaved rounds, each row the median run by throughput. CPU is "
-        "user+system of the server's process tree per 2xx response."
+        "user+system of the server's process tree per 2xx response. The disk-tier row is a "
+        "second edge whose memory tier cannot hold the object (max_entry_bytes 1 KB): every hit "
+        "reads the object's file in a worker thread and checks its hash (docs/media.md)."
     )
     return Section(
         "CDN edge: a cached 10 KB object vs nginx serving the file",

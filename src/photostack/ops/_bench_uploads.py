@@ -217,8 +217,10 @@ def uploads_section(f: UploadFigures, cfg: UploadBenchConfig) -> Section:
                 (
                     f"{f.missing} of {cfg.uploads} uploads not ready within the deadline.",
                     "On top of the CPU floor: multipart parsing and two origin writes, metadata"
-                    " insert and enqueue, the worker's wake-up (LISTEN/NOTIFY), the original's"
-                    " read, two thumbnail writes, the status move, the event, the fan-out task.",
+                    " insert and enqueue, the post-commit re-check of the original (two HEADs,"
+                    " docs/uploads.md, Shared files), the worker's wake-up (LISTEN/NOTIFY),"
+                    " the original's read, two thumbnail writes, the status move and the"
+                    " thumbnail's re-check, the event, the fan-out task.",
                 ),
             ),
         ),

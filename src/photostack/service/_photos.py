@@ -21,7 +21,7 @@ import asyncpg
 from fastapi import FastAPI, Query
 from starlette.responses import Response
 
-from photostack.blocks.storage import ShardRouter
+from photostack.blocks.storage import ShardRouter, scatter_gather
 
 from ._caching import ProductCache, cached_response, json_bytes
 from ._codec import (
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CAPTION_MAX_CHARS",
+    "FAILURE_REASON_MAX_CHARS",
     "TRANSITIONS",
     "InvalidPhotoError",
     "Invalidate",
@@ -50,6 +51,7 @@ __all__ = [
     "PhotoNotFoundError",
     "PhotoStatus",
     "PhotoStore",
+    "ReferencesUnknownError",
     "add_internal_photo_routes",
     "new_photo_id",
     "owner_of_photo",
@@ -68,6 +70,10 @@ class PhotoNotFoundError(DomainError):
 
 class PhotoForbiddenError(DomainError):
     """The actor is not the photo's owner."""
+
+
+class ReferencesUnknownError(DomainError):
+    """A photos shard did not answer a reference lookup (its args name the shards)."""
 
 
 class InvalidPhotoError(DomainError):
@@ -111,27 +117,36 @@ def owner_of_photo(photo_id: str) -> str:
 _INSERT = (
     "INSERT INTO photos (id, owner_id, caption, status, content_type, size_bytes, original_key) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7) "
-    "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key"
+    "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+    "failure_reason"
 )
 _GET = (
-    "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key "
-    "FROM photos WHERE id = $1"
+    "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+    "failure_reason FROM photos WHERE id = $1"
 )
 _DELETE = "DELETE FROM photos WHERE id = $1 AND owner_id = $2 RETURNING original_key, thumbnail_key"
 _SET_STATUS = (
     "UPDATE photos SET status = $3, thumbnail_key = coalesce($4, thumbnail_key), "
-    "updated_at = now() WHERE id = $1 AND status = $2 "
-    "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key"
+    "failure_reason = $5, updated_at = now() WHERE id = $1 AND status = $2 "
+    "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+    "failure_reason"
 )
 _LIST_FIRST = (
-    "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key "
-    "FROM photos WHERE owner_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+    "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+    "failure_reason FROM photos WHERE owner_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
 )
 _LIST_AFTER = (
-    "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key "
-    "FROM photos WHERE owner_id = $1 AND (created_at, id) < ($3, $4) "
+    "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+    "failure_reason FROM photos WHERE owner_id = $1 AND (created_at, id) < ($3, $4) "
     "ORDER BY created_at DESC, id DESC LIMIT $2"
 )
+# A photo's cleanup (docs/uploads.md "Shared files"): which of these media keys does any photo
+# on this shard still refer to? Each is served by its own index (schema photos v3).
+_REFERENCED_ORIGINAL = "SELECT original_key AS key FROM photos WHERE original_key = ANY($1::text[])"
+_REFERENCED_THUMBNAIL = (
+    "SELECT thumbnail_key AS key FROM photos WHERE thumbnail_key = ANY($1::text[])"
+)
+FAILURE_REASON_MAX_CHARS = 300
 _USERS = "SELECT id, username, display_name, created_at FROM users WHERE id = ANY($1::text[])"
 
 
@@ -145,8 +160,12 @@ class PhotoStore:
         static_base_url: str,
         guard: OwnershipGuard = NO_GUARD,
         invalidate: Invalidate | None = None,
+        reads: ShardRouter[Any] | None = None,
     ) -> None:
         self._router = router
+        # Reads a caller marks ``replica=True``: a replica within the group's lag bound and past
+        # the request's read-your-writes token, else the primary (docs/replication.md).
+        self._reads: ShardRouter[Any] = reads if reads is not None else router
         self._base = static_base_url.rstrip("/")
         self._guard = guard
         self._invalidate = invalidate or no_invalidation
@@ -154,7 +173,7 @@ class PhotoStore:
     def photo_json(self, row: asyncpg.Record) -> dict[str, Any]:
         """The PHOTO shape of API.md."""
         original, thumbnail = row["original_key"], row["thumbnail_key"]
-        return {
+        made: dict[str, Any] = {
             "id": row["id"],
             "owner_id": row["owner_id"],
             "caption": row["caption"],
@@ -169,6 +188,9 @@ class PhotoStore:
                 ),
             },
         }
+        if row["status"] == PhotoStatus.FAILED.value:  # why, for the owner (API.md PHOTO)
+            made["failure_reason"] = row["failure_reason"] or "processing failed"
+        return made
 
     async def _owner_exists(self, owner_id: str) -> bool:
         pool = self._router.shard_for("users", owner_id)
@@ -229,10 +251,12 @@ class PhotoStore:
         await self._invalidate([f"user:{owner_id}"])  # photos_count
         return made
 
-    async def get_photo(self, photo_id: str) -> dict[str, Any]:
-        """Raises PhotoNotFoundError."""
+    async def get_photo(self, photo_id: str, *, replica: bool = False) -> dict[str, Any]:
+        """Raises PhotoNotFoundError. ``replica``: a client's read that may be served by a
+        replica (never a worker's or the feed's: they act on what they read)."""
         owner_id = owner_of_photo(photo_id)
-        row = await self._router.shard_for("photos", owner_id).fetchrow(_GET, photo_id)
+        pools = self._reads if replica else self._router
+        row = await pools.shard_for("photos", owner_id).fetchrow(_GET, photo_id)
         if row is None:
             raise PhotoNotFoundError(photo_id)
         return self.photo_json(row)
@@ -260,13 +284,23 @@ class PhotoStore:
         return {"original": deleted["original_key"], "thumbnail": deleted["thumbnail_key"]}
 
     async def set_status(
-        self, photo_id: str, status: PhotoStatus, *, thumbnail_key: str | None = None
+        self,
+        photo_id: str,
+        status: PhotoStatus,
+        *,
+        thumbnail_key: str | None = None,
+        reason: str | None = None,
     ) -> dict[str, Any]:
-        """Move a photo along :data:`TRANSITIONS` (for the media worker).
+        """Move a photo along :data:`TRANSITIONS` (for the media worker); ``reason`` is kept
+        on a failed photo (cut to :data:`FAILURE_REASON_MAX_CHARS`).
 
         Raises PhotoNotFoundError, InvalidPhotoError ``invalid_transition``.
         """
         owner_id = owner_of_photo(photo_id)
+        if status is not PhotoStatus.FAILED:
+            reason = None
+        elif reason is not None:
+            reason = reason[:FAILURE_REASON_MAX_CHARS]
 
         async def update(conn: Any) -> asyncpg.Record:
             row: asyncpg.Record | None = await conn.fetchrow(_GET, photo_id)
@@ -278,7 +312,7 @@ class PhotoStore:
                     "invalid_transition", f"a {current.value} photo cannot become {status.value}"
                 )
             updated: asyncpg.Record | None = await conn.fetchrow(
-                _SET_STATUS, photo_id, current.value, status.value, thumbnail_key
+                _SET_STATUS, photo_id, current.value, status.value, thumbnail_key, reason
             )
             if updated is None:  # another worker moved it first
                 raise InvalidPhotoError("invalid_transition", "the status changed concurrently")
@@ -288,9 +322,41 @@ class PhotoStore:
         await self._invalidate([f"photo:{photo_id}"])
         return updated
 
-    async def list_photos(self, owner_id: str, limit: int, after: Cursor | None) -> Page:
-        """One page of ``owner_id``'s photos, newest first. Raises UserNotFoundError."""
-        pool = self._router.shard_for("photos", owner_id)
+    async def referenced_keys(
+        self, keys: Sequence[str], *, deadline_s: float = 10.0
+    ) -> frozenset[str]:
+        """Which of ``keys`` any photo on any photos shard still has as its original or its
+        thumbnail (media keys are content addresses, shared by byte-identical uploads).
+
+        Scatters over every photos shard (indexed lookups). Raises ReferencesUnknownError when
+        a shard did not answer: an incomplete answer must never let a caller delete a file.
+        """
+        wanted = sorted(set(keys))
+        if not wanted:
+            return frozenset()
+        shards = self._router.shards("photos")
+
+        async def one(index: int) -> set[str]:
+            pool = shards[index]
+            found = {r["key"] for r in await pool.fetch(_REFERENCED_ORIGINAL, wanted)}
+            found |= {r["key"] for r in await pool.fetch(_REFERENCED_THUMBNAIL, wanted)}
+            return found
+
+        calls: dict[str, Callable[[], Awaitable[set[str]]]] = {
+            f"photos-{i}": (lambda i=i: one(i))  # type: ignore[misc]
+            for i in range(len(shards))
+        }
+        gathered = await scatter_gather(calls, deadline_s=deadline_s)
+        if not gathered.complete:
+            raise ReferencesUnknownError(", ".join(sorted(gathered.failures)))
+        return frozenset().union(*gathered.results.values())
+
+    async def list_photos(
+        self, owner_id: str, limit: int, after: Cursor | None, *, replica: bool = False
+    ) -> Page:
+        """One page of ``owner_id``'s photos, newest first. Raises UserNotFoundError.
+        ``replica`` as for :meth:`get_photo`."""
+        pool = (self._reads if replica else self._router).shard_for("photos", owner_id)
         if after is None:
             rows = await pool.fetch(_LIST_FIRST, owner_id, limit + 1)
         else:
@@ -316,8 +382,10 @@ def add_internal_photo_routes(
     not_found = ApiError(404, "photo_not_found", "no such photo")
 
     async def load(photo_id: str) -> bytes | None:
+        # A replica may answer only when nothing caches the answer: a cache filled from a lagging
+        # replica right after an invalidation would keep the old status for the whole TTL.
         try:
-            return json_bytes(await store().get_photo(photo_id))
+            return json_bytes(await store().get_photo(photo_id, replica=cache is None))
         except PhotoNotFoundError:
             return None
 
@@ -356,7 +424,7 @@ def add_internal_photo_routes(
         except InvalidCursorError as exc:
             raise ApiError(400, "invalid_cursor", "cursor is not one this API issued") from exc
         try:
-            page = await store().list_photos(user_id, limit, after)
+            page = await store().list_photos(user_id, limit, after, replica=True)
         except UserNotFoundError as exc:
             raise ApiError(404, "user_not_found", "no such user") from exc
         next_cursor = encode_cursor(page.next_cursor) if page.next_cursor is not None else None

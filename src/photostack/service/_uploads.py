@@ -262,11 +262,16 @@ class MediaObject:
 
 class MediaStore(Protocol):
     """The media origins as the upload path and the workers need them: content-addressed
-    ``put`` (on every origin before it returns), ``get``, ``delete`` and a CDN ``purge``."""
+    ``put`` (on every origin before it returns), ``get``, ``delete``, a CDN ``purge``, and
+    ``ensure`` (rewrite ``key`` wherever it is missing; True when a copy had to be written),
+    which closes the race between a photo's cleanup and an identical upload (docs/uploads.md
+    "Shared files")."""
 
     async def put(self, data: bytes, content_type: str) -> MediaObject: ...
 
     async def get(self, key: str) -> bytes: ...
+
+    async def ensure(self, key: str, data: bytes) -> bool: ...
 
     async def delete(self, key: str) -> None: ...
 
@@ -288,6 +293,12 @@ def _safe_key(key: str) -> str:
     if not key or "/" in key or "\\" in key or key.startswith("."):
         raise MediaNotFound(key)
     return key
+
+
+def _check_content(key: str, data: bytes) -> None:
+    """Raises ValueError unless ``data`` is the content ``key`` addresses (its sha256)."""
+    if key.split(".", 1)[0] != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"the bytes do not hash to {key}")
 
 
 class MemoryMediaStore:
@@ -317,6 +328,13 @@ class MemoryMediaStore:
         except KeyError:
             raise MediaNotFound(key) from None
 
+    async def ensure(self, key: str, data: bytes) -> bool:
+        _check_content(key, data)
+        if key in self.objects:
+            return False
+        self.objects[key] = data
+        return True
+
     async def delete(self, key: str) -> None:
         self.objects.pop(key, None)
 
@@ -340,10 +358,10 @@ class DirMediaStore:
         for root in self.roots:
             root.mkdir(parents=True, exist_ok=True)
 
-    def _write(self, root: Path, key: str, data: bytes) -> None:
+    def _write(self, root: Path, key: str, data: bytes) -> bool:
         target = root / key
         if target.exists() and target.stat().st_size == len(data):
-            return  # content-addressed: the same key is the same bytes
+            return False  # content-addressed: the same key is the same bytes
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".up-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -355,11 +373,20 @@ class DirMediaStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        return True
 
     async def put(self, data: bytes, content_type: str) -> MediaObject:
         key = media_key(data, content_type)
         await asyncio.gather(*(asyncio.to_thread(self._write, r, key, data) for r in self.roots))
         return MediaObject(key, content_type, len(data), f"{self._base}/media/{key}")
+
+    async def ensure(self, key: str, data: bytes) -> bool:
+        name = _safe_key(key)
+        _check_content(name, data)
+        wrote = await asyncio.gather(
+            *(asyncio.to_thread(self._write, r, name, data) for r in self.roots)
+        )
+        return any(wrote)
 
     async def get(self, key: str) -> bytes:
         name = _safe_key(key)
@@ -406,6 +433,22 @@ class OriginMediaStore:
             raise MediaNotFound(key) from exc
         except MediaUnavailable as exc:
             raise OSError(f"media origins unavailable: {exc}") from exc
+
+    async def ensure(self, key: str, data: bytes) -> bool:
+        """HEAD on every origin; a PUT to all of them when any lacks the key (or is down, in
+        which case the PUT raises OSError as ``put`` does)."""
+        _check_content(key, data)
+        try:
+            held = await self._client.head(key)
+        except InvalidKey as exc:
+            raise ValueError(f"not a media key: {key!r}") from exc
+        if all(kind is not None for kind in held.values()):
+            return False
+        try:
+            await self._client.put(data)
+        except MediaUnavailable as exc:
+            raise OSError(f"media origins unavailable: {exc}") from exc
+        return True
 
     async def delete(self, key: str) -> None:
         """Both origins, then the CDN copy (the client purges after deleting)."""

@@ -8,9 +8,10 @@
 - ``GET    /internal/v1/tasks/{id}`` -> ``{"id","kind","status","attempts","result"}`` | 404
 - ``GET    /internal/v1/users/{id}/feed?limit=&cursor=`` -> list page
 - for the workers: ``POST /internal/v1/photos/{id}/ready`` ``{"thumbnail_key"}``,
-  ``POST /internal/v1/photos/{id}/failed``, ``POST /internal/v1/feed/fanout``
+  ``POST /internal/v1/photos/{id}/failed`` ``{"reason"}``, ``POST /internal/v1/feed/fanout``
   ``{"photo_id","after"}`` -> ``{"next","mode"}``, ``POST /internal/v1/feed/remove``
-  ``{"photo_id","owner_id"}``
+  ``{"photo_id","owner_id"}``, ``POST /internal/v1/media/references`` ``{"keys"}`` ->
+  ``{"referenced"}`` (the keys some photo on some shard still uses) | 503 when a shard is out
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ._photos import (
     PhotoNotFoundError,
     PhotoStatus,
     PhotoStore,
+    ReferencesUnknownError,
 )
 from ._store import UserNotFoundError
 
@@ -70,6 +72,9 @@ TASK_POLICIES: Mapping[str, RetryPolicy] = {
     FANOUT: RetryPolicy(max_attempts=8, base_delay_s=1.0, max_delay_s=120.0),
     CLEANUP: RetryPolicy(max_attempts=8, base_delay_s=2.0, max_delay_s=300.0),
 }
+
+
+_MAX_REFERENCE_KEYS = 100
 
 
 def task_json(info: Any) -> dict[str, Any]:
@@ -287,6 +292,7 @@ def add_internal_upload_routes(
         return JsonResponse({"items": items, "next_cursor": encoded})
 
     _add_worker_routes(app, uploads, events)
+    _add_reference_route(app, uploads)
 
 
 def _add_worker_routes(
@@ -310,9 +316,13 @@ def _add_worker_routes(
             raise ApiError(409, exc.code, exc.message) from exc
 
     @app.post("/internal/v1/photos/{photo_id}/failed")
-    async def photo_failed(photo_id: str) -> Response:
+    async def photo_failed(photo_id: str, request: Request) -> Response:
+        raw = await request.body()
+        reason = (await _json_body(request)).get("reason") if raw else None
+        if reason is not None and not isinstance(reason, str):
+            raise ApiError(422, "invalid_field", "reason must be a string")
         try:
-            photo = await uploads().photos.set_status(photo_id, PhotoStatus.FAILED)
+            photo = await uploads().photos.set_status(photo_id, PhotoStatus.FAILED, reason=reason)
         except PhotoNotFoundError as exc:
             raise not_found from exc
         except InvalidPhotoError as exc:
@@ -344,3 +354,27 @@ def _add_worker_routes(
         body = await _json_body(request)
         await uploads().feed.remove_photo(str(body["owner_id"]), str(body["photo_id"]))
         return Response(status_code=204)
+
+
+def _add_reference_route(app: FastAPI, uploads: Callable[[], UploadService]) -> None:
+    """The cleanup task's question: which media keys does a photo still use?"""
+
+    @app.post("/internal/v1/media/references")
+    async def references(request: Request) -> Response:
+        keys = (await _json_body(request)).get("keys")
+        if (
+            not isinstance(keys, list)
+            or len(keys) > _MAX_REFERENCE_KEYS
+            or not all(isinstance(k, str) and k for k in keys)
+        ):
+            raise ApiError(
+                422, "invalid_field", f"keys must be 0-{_MAX_REFERENCE_KEYS} non-empty strings"
+            )
+        try:
+            found = await uploads().photos.referenced_keys(keys)
+        except ReferencesUnknownError as exc:
+            raise ApiError(
+                503, "references_unavailable", f"photos shard(s) did not answer: {exc}",
+                {"Retry-After": "1"},
+            ) from exc  # fmt: skip
+        return JsonResponse({"referenced": sorted(found)})

@@ -53,6 +53,17 @@ async def read_upload(request: Request, max_file_bytes: int) -> UploadParts:
         raise _refuse(exc) from exc
 
 
+async def _ensure_after_commit(media: MediaStore, key: str, data: bytes) -> None:
+    """The photo row now refers to ``key``: rewrite the file if a concurrent cleanup of an
+    identical photo removed it between our put and our commit (docs/uploads.md "Shared
+    files"). The upload is already accepted, so a failure here is logged, not answered."""
+    try:
+        if await media.ensure(key, data):
+            log.warning("media %s was removed by a concurrent cleanup; rewritten", key)
+    except OSError as exc:
+        log.warning("could not re-check media %s after its upload: %r", key, exc)
+
+
 def add_upload_routes(
     app: FastAPI, node: UploadCalls, media: MediaStore | None, max_file_bytes: int
 ) -> None:
@@ -88,7 +99,10 @@ def add_upload_routes(
                 "original_key": stored.key,
             }
         ).encode()
-        return node.relay(await node.call(request, "POST", "/internal/v1/photos", body))
+        reply = await node.call(request, "POST", "/internal/v1/photos", body)
+        if reply.status == 202:
+            await _ensure_after_commit(media, stored.key, data)
+        return node.relay(reply)
 
     @app.get("/v1/feed")
     async def feed(

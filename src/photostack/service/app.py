@@ -231,7 +231,7 @@ class AppNode:
 
     async def _start(self) -> None:
         router, guard = await self._connect_storage()
-        self._events = event_store_for(self.settings, router)
+        self._events = event_store_for(self.settings, router, guard)  # appends fenced
         reads = self.replication.router if self.replication is not None else None
         self._store = UserStore(router, self._events, reads=reads, guard=guard)
         invalidate = self.cache.invalidate  # writes outside the cached paths drop their keys
@@ -240,6 +240,7 @@ class AppNode:
             static_base_url=self.settings.static_base_url,
             guard=guard,
             invalidate=invalidate,
+            reads=reads,
         )
         self._jobs = Jobs(router, guard=guard, invalidate=invalidate)
         self._uploads = UploadService.for_app(self.settings, router, self._photos, self._events)

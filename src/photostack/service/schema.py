@@ -135,11 +135,21 @@ CREATE TABLE IF NOT EXISTS job_state (
 );
 """
 
+# Content-addressed media (docs/uploads.md "Shared files"): byte-identical uploads share one
+# key, so a photo's cleanup deletes a file only when no photo row on any shard still refers to
+# it (original or thumbnail); and the reason a photo failed, shown on failed photos.
+_PHOTOS_V3_MEDIA_REFS = """
+ALTER TABLE photos ADD COLUMN IF NOT EXISTS failure_reason text;
+-- serves: the cleanup's "is this key still referenced?" lookup (scatter over the shards)
+CREATE INDEX IF NOT EXISTS photos_by_original_key ON photos (original_key);
+CREATE INDEX IF NOT EXISTS photos_by_thumbnail_key ON photos (thumbnail_key);
+"""
+
 # group -> ordered migrations (version, sql). Append, never edit, once released.
 _MIGRATIONS: dict[str, tuple[tuple[int, str], ...]] = {
     "users": ((1, _USERS_V1), (2, _USERS_V2_EVENTS), (3, _OWNERSHIP + _USERS_V3_JOBS)),
     "social": ((1, _SOCIAL_V1), (2, _OWNERSHIP)),
-    "photos": ((1, _PHOTOS_V1), (2, _OWNERSHIP)),
+    "photos": ((1, _PHOTOS_V1), (2, _OWNERSHIP), (3, _PHOTOS_V3_MEDIA_REFS)),
 }
 
 GROUPS: tuple[str, ...] = tuple(_MIGRATIONS)
@@ -231,24 +241,32 @@ INDEX_QUERIES: dict[str, tuple[str, ...]] = {
 # cross-shard jobs (service/_jobs.py): merged into INDEX_QUERIES, same rules.
 _MORE_INDEX_QUERIES: dict[str, tuple[str, ...]] = {
     "photos_pkey": (
-        "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key "
-        "FROM photos WHERE id = $1",
+        "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+        "failure_reason FROM photos WHERE id = $1",
         "DELETE FROM photos WHERE id = $1 AND owner_id = $2 RETURNING original_key, thumbnail_key",
         "UPDATE photos SET status = $3, thumbnail_key = coalesce($4, thumbnail_key), "
-        "updated_at = now() WHERE id = $1 AND status = $2 "
-        "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key",
+        "failure_reason = $5, updated_at = now() WHERE id = $1 AND status = $2 "
+        "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+        "failure_reason",
         # the orphan sweeper's keyset scan
         "SELECT id, owner_id FROM photos WHERE id > $1 ORDER BY id LIMIT $2",
     ),
     "photos_by_owner_recent": (
-        "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key "
-        "FROM photos WHERE owner_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
-        "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key "
-        "FROM photos WHERE owner_id = $1 AND (created_at, id) < ($3, $4) "
+        "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+        "failure_reason FROM photos WHERE owner_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+        "SELECT id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+        "failure_reason FROM photos WHERE owner_id = $1 AND (created_at, id) < ($3, $4) "
         "ORDER BY created_at DESC, id DESC LIMIT $2",
         # user cleanup: a deleted owner's photos, a bounded batch at a time
         "DELETE FROM photos WHERE id IN (SELECT id FROM photos WHERE owner_id = $1 LIMIT $2) "
         "RETURNING id",
+    ),
+    # a photo's cleanup: is a media key still referenced (scattered over every photos shard)?
+    "photos_by_original_key": (
+        "SELECT original_key AS key FROM photos WHERE original_key = ANY($1::text[])",
+    ),
+    "photos_by_thumbnail_key": (
+        "SELECT thumbnail_key AS key FROM photos WHERE thumbnail_key = ANY($1::text[])",
     ),
     "shard_ownership_pkey": (
         "SELECT map_version FROM shard_ownership WHERE logical_shard = $1 FOR SHARE",
@@ -295,7 +313,8 @@ _MORE_INDEX_QUERIES: dict[str, tuple[str, ...]] = {
     NO_INDEX: (
         "INSERT INTO photos (id, owner_id, caption, status, content_type, size_bytes, "
         "original_key) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-        "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key",
+        "RETURNING id, owner_id, caption, created_at, status, original_key, thumbnail_key, "
+        "failure_reason",
         # a shard's newest ownership version: at most L rows, read only on a wrong-shard answer
         "SELECT coalesce(max(map_version), 0) FROM shard_ownership",
         # one row per job (three): a sequential scan of one page is the right plan

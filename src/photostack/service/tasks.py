@@ -10,16 +10,22 @@ the feed) and the media origins directly. Their collaborators come from :func:`c
 Every handler is idempotent, so a redelivered task (its worker died mid-run) repeats no
 effect: the thumbnail is content-addressed, the status move tolerates "already ready", events
 carry dedupe keys, the fan-out is ZADD of the same member and its tasks have idempotency keys.
+
+Media keys are content addresses, shared by byte-identical photos: the cleanup deletes a key
+only when no photo on any shard refers to it, and re-checks after deleting (docs/uploads.md
+"Shared files"); the decisions are the pure :func:`decide_cleanup` and :func:`decide_restore`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import logging
 import os
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +35,22 @@ from PIL import Image, ImageOps
 from photostack.blocks.queue import Json, PermanentTaskError, TaskContext, TaskRegistry
 
 from ._appclient import AppClient
-from ._uploads import MediaStore, media_store_from
+from ._uploads import MediaNotFound, MediaStore, media_store_from
 from ._uploads_app import CLEANUP, FANOUT, TASK_POLICIES, THUMBNAIL
 
 __all__ = [
     "SETTINGS_ENV",
+    "CleanupDecision",
+    "RestoreDecision",
     "TaskDeps",
     "configure",
+    "decide_cleanup",
+    "decide_restore",
     "make_thumbnail",
     "registry",
 ]
+
+log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "PHOTOSTACK_TASKS_SETTINGS"
 THUMBNAIL_MAX_PX = 320
@@ -167,6 +179,7 @@ async def thumbnail(ctx: TaskContext) -> Json:
     if photo["status"] == "failed":
         return {"photo_id": photo_id, "skipped": "failed"}
     thumb_key = _media_key(photo["urls"]["thumbnail"])
+    thumb: bytes | None = None  # made by this run (a redelivered ready photo makes none)
     if thumb_key is None:  # not ready yet (a ready photo was redelivered: skip to the marking)
         original = _media_key(photo["urls"]["original"])
         if original is None:
@@ -176,7 +189,8 @@ async def thumbnail(ctx: TaskContext) -> Json:
             thumb = await asyncio.to_thread(make_thumbnail, data, deps.thumbnail_max_px)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             # The bytes passed the upload's header check but do not decode: no retry helps.
-            await _call(deps, "POST", f"/internal/v1/photos/{photo_id}/failed")
+            reason = f"the image could not be decoded: {exc}"
+            await _call(deps, "POST", f"/internal/v1/photos/{photo_id}/failed", {"reason": reason})
             raise PermanentTaskError(f"undecodable image: {exc}") from exc
         thumb_key = (await deps.media.put(thumb, "image/jpeg")).key
     status, ready = await _call(
@@ -186,6 +200,9 @@ async def thumbnail(ctx: TaskContext) -> Json:
         return {"photo_id": photo_id, "skipped": "deleted"}
     if status != 200:
         raise AppCallFailed(f"photo {photo_id} not marked ready: {status} {ready}")
+    if thumb is not None and await deps.media.ensure(thumb_key, thumb):
+        # a cleanup of an identical photo removed the shared thumbnail before our commit
+        log.warning("thumbnail %s of %s was removed concurrently; rewritten", thumb_key, photo_id)
     return {
         "photo_id": photo_id,
         "thumbnail": ready["photo"]["urls"]["thumbnail"],
@@ -215,15 +232,89 @@ async def feed_fanout(ctx: TaskContext) -> Json:
         after = body["next"]
 
 
+@dataclass(frozen=True)
+class CleanupDecision:
+    """What a photo's cleanup does with each of its media keys."""
+
+    delete: tuple[str, ...]  # no photo refers to it any more
+    keep: tuple[str, ...]  # another photo (same bytes) still refers to it
+
+
+def decide_cleanup(keys: Sequence[str], referenced: Collection[str]) -> CleanupDecision:
+    """Delete the keys no photo refers to; keep the shared ones. Duplicates and empty keys
+    are dropped; the order of ``keys`` is kept."""
+    unique = [k for k in dict.fromkeys(keys) if k]
+    return CleanupDecision(
+        tuple(k for k in unique if k not in referenced),
+        tuple(k for k in unique if k in referenced),
+    )
+
+
+@dataclass(frozen=True)
+class RestoreDecision:
+    """After deleting: the keys a photo committed meanwhile refers to."""
+
+    restore: tuple[str, ...]  # rewrite from the bytes read before the delete
+    lost: tuple[str, ...]  # referenced again, but nothing was read to rewrite it from
+
+
+def decide_restore(
+    deleted: Sequence[str], referenced_now: Collection[str], saved: Collection[str]
+) -> RestoreDecision:
+    """A key deleted by this cleanup that some photo refers to now (an identical upload
+    committed between the check and the delete) must come back."""
+    back = [k for k in deleted if k in referenced_now]
+    return RestoreDecision(
+        tuple(k for k in back if k in saved), tuple(k for k in back if k not in saved)
+    )
+
+
+async def _referenced(deps: TaskDeps, keys: Sequence[str]) -> frozenset[str]:
+    """The keys some photo on some shard refers to. Raises AppCallFailed (retried) when the
+    app could not ask every photos shard."""
+    status, body = await _call(deps, "POST", "/internal/v1/media/references", {"keys": list(keys)})
+    if status != 200:
+        raise AppCallFailed(f"reference lookup: {status} {body}")
+    return frozenset(str(k) for k in body["referenced"])
+
+
+async def _restore(deps: TaskDeps, saved: Mapping[str, bytes], keys: Sequence[str]) -> None:
+    for key in keys:
+        await deps.media.ensure(key, saved[key])
+
+
 @registry.task(CLEANUP, TASK_POLICIES[CLEANUP])
 async def photo_cleanup(ctx: TaskContext) -> Json:
-    """After a delete: the files on every origin, their CDN copies, the feed rows."""
+    """After a delete: the files no other photo refers to (every origin and the CDN copy),
+    then the feed rows."""
     deps = await _current()
     assert isinstance(ctx.payload, dict)
     keys = [str(k) for k in ctx.payload.get("keys", [])]
-    for key in keys:
-        await deps.media.delete(key)
-        await deps.media.purge(key)
+    decision = decide_cleanup(keys, await _referenced(deps, keys) if keys else ())
+    saved: dict[str, bytes] = {}
+    restored: tuple[str, ...] = ()
+    if decision.delete:
+        try:
+            for key in decision.delete:
+                with contextlib.suppress(MediaNotFound):  # gone already: a redelivered cleanup
+                    saved[key] = await deps.media.get(key)
+                await deps.media.delete(key)
+                await deps.media.purge(key)
+            now = await _referenced(deps, decision.delete)
+        except BaseException:
+            # Cut short before the second check: whether an identical upload committed
+            # meanwhile is unknown, so every file read goes back (shielded) and the retry
+            # decides again.
+            await asyncio.shield(_restore(deps, saved, list(saved)))
+            raise
+        verdict = decide_restore(decision.delete, now, saved)
+        await _restore(deps, saved, verdict.restore)
+        restored = verdict.restore
+        if restored:
+            log.warning("media %s referenced again during cleanup; restored", ", ".join(restored))
+        if verdict.lost:
+            log.error("media %s referenced again but not readable before its delete",
+                      ", ".join(verdict.lost))  # fmt: skip
     status, body = await _call(
         deps,
         "POST",
@@ -232,4 +323,9 @@ async def photo_cleanup(ctx: TaskContext) -> Json:
     )
     if status != 204:
         raise AppCallFailed(f"feed removal: {status} {body}")
-    return {"photo_id": ctx.payload["photo_id"], "deleted_keys": len(keys)}
+    return {
+        "photo_id": ctx.payload["photo_id"],
+        "deleted_keys": len(decision.delete) - len(restored),
+        "shared_keys": list(decision.keep),
+        "restored_keys": list(restored),
+    }

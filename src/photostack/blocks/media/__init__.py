@@ -6,14 +6,17 @@
   If-None-Match, sendfile) and the internal ``PUT``/``DELETE``.
 - ``MediaClient``: ``put(data) -> MediaObject`` on every origin before returning (else
   ``MediaUnavailable``), ``get``, ``delete`` (origins, then the CDN purge), ``purge``.
-- ``CdnServer``: the static host: a byte-bounded in-memory cache, collapsed misses, origin
-  failover, stale-while-revalidate, ``PURGE`` on an internal port.
+- ``CdnServer``: the static host: a byte-bounded in-memory cache over a byte-bounded disk tier
+  (``DiskTier``), collapsed misses, origin failover, stale-while-revalidate, ``PURGE`` (both
+  tiers) on an internal port.
 
 See docs/media.md.
 """
 
 from photostack.blocks.media._cdn import CdnConfig, CdnServer, FetchOutcome
 from photostack.blocks.media._cdn_cache import CachedObject, CacheState, CdnCache, CdnCacheStats
+from photostack.blocks.media._cdn_disk import DiskIndex, DiskStats, DiskTier, DiskTierConfig
+from photostack.blocks.media._cdn_disk import file_name as disk_file_name
 from photostack.blocks.media._client import MediaClient, MediaObject
 from photostack.blocks.media._errors import (
     HashMismatch,
@@ -60,6 +63,10 @@ __all__ = [
     "CdnConfig",
     "CdnServer",
     "ContentStore",
+    "DiskIndex",
+    "DiskStats",
+    "DiskTier",
+    "DiskTierConfig",
     "FetchOutcome",
     "Flights",
     "Freshness",
@@ -80,6 +87,7 @@ __all__ = [
     "Selection",
     "StoredObject",
     "check_key",
+    "disk_file_name",
     "etag_matches",
     "is_valid_key",
     "key_of",

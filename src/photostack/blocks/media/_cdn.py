@@ -1,8 +1,13 @@
 """The CDN edge: a caching reverse proxy for ``/media/{key}`` in front of the media origins.
 
 - Cache: ``CdnCache`` in memory, bounded in bytes (LRU). A hit is answered synchronously from
-  the parser callback with one prebuilt buffer (``X-Cache: HIT``); If-None-Match (304) and a
-  single Range (206) are answered from the cached copy too.
+  the parser callback with one prebuilt buffer (``X-Cache: HIT``, ``X-Cache-Tier: memory``);
+  If-None-Match (304) and a single Range (206) are answered from the cached copy too.
+- Disk tier (``DiskTier``, when ``disk_root`` is set): every stored object is also written to
+  files under the node's data dir (write-through, in a thread), LRU by bytes, re-indexed at
+  start. A memory miss that the disk holds is read back (``X-Cache: HIT``, ``X-Cache-Tier:
+  disk``) and promoted to memory when it fits there; objects over the memory tier's per-object
+  limit live on disk only.
 - Misses are collapsed (``Flights``): concurrent misses for one key make one origin fetch.
 - Failover: origins are tried in a per-key order; one in its failure cool-down is skipped, a
   failure or a 404 falls through to the next (a copy may be missing on one origin); 404 only
@@ -21,10 +26,12 @@ import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from photostack.blocks.balancer import BalancerError
 from photostack.blocks.cache import PolicyName
 from photostack.blocks.media._cdn_cache import CachedObject, CacheState, CdnCache
+from photostack.blocks.media._cdn_disk import DiskTier, DiskTierConfig
 from photostack.blocks.media._flights import Flights
 from photostack.blocks.media._http import (
     Connection,
@@ -58,8 +65,11 @@ class CdnConfig:
     port: int = 0
     purge_port: int | None = 0  # internal PURGE listener (0: any free port, None: none)
     cache_bytes: int = 256 * 1024 * 1024
-    max_entry_bytes: int = 16 * 1024 * 1024  # larger objects are relayed, not kept
+    max_entry_bytes: int = 16 * 1024 * 1024  # larger objects skip memory (disk, or relayed)
     max_object_bytes: int = 64 * 1024 * 1024  # larger objects are refused (502)
+    disk_root: Path | None = None  # the disk tier's directory; None: memory only
+    disk_cache_bytes: int = 1024 * 1024 * 1024
+    disk_max_entry_bytes: int = 64 * 1024 * 1024
     policy: PolicyName = PolicyName.LRU
     origin_timeout_s: float = 10.0
     origin_cooldown_s: float = 1.0
@@ -71,8 +81,9 @@ class FetchOutcome:
     """What the origins said: an object, or "not_found", or "failed"."""
 
     obj: CachedObject | None
-    status: str  # "ok" | "not_modified" | "not_found" | "failed"
+    status: str  # "ok" | "not_modified" | "stale" | "not_found" | "failed"
     stored: bool = False
+    tier: str = "origin"  # where obj came from: "origin" or "disk"
 
 
 _FAILED = FetchOutcome(None, "failed")
@@ -91,6 +102,7 @@ class CdnServer:
             cooldown_s=config.origin_cooldown_s,
         )
         self.cache: CdnCache | None = None
+        self.disk: DiskTier | None = None
         self.flights: Flights[FetchOutcome] = Flights()
         self.counters = Counters("photostack_cdn")
         for name, text in (
@@ -134,6 +146,22 @@ class CdnServer:
         self.counters.gauge("cache_evictions", "Objects evicted", lambda: stats().evictions)
         self.counters.gauge("collapsed", "Requests that waited on another's fetch",
                             lambda: self.flights.joined)  # fmt: skip
+        if cfg.disk_root is not None:
+            disk = DiskTier(
+                DiskTierConfig(cfg.disk_root, cfg.disk_cache_bytes, cfg.disk_max_entry_bytes),
+                clock=clock,
+            )
+            await disk.start()
+            self.disk = disk
+            for name, text, read in (
+                ("disk_bytes", "Bytes held by the disk tier", lambda: disk.stats().bytes_used),
+                ("disk_entries", "Objects held by the disk tier", lambda: disk.stats().entries),
+                ("disk_evictions", "Objects evicted from disk", lambda: disk.stats().evictions),
+                ("disk_writes", "Objects written to disk", lambda: disk.stats().writes),
+                ("disk_errors", "Disk writes failed or damaged files dropped",
+                 lambda: disk.stats().errors),
+            ):  # fmt: skip
+                self.counters.gauge(name, text, read)
         await self._server.start(cfg.host, cfg.port)
         if cfg.purge_port is not None:
             self._purge_server = HttpServer(_PurgeHandler(self), HttpLimits(max_body_bytes=0))
@@ -152,14 +180,18 @@ class CdnServer:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.origins.aclose()
+        if self.disk is not None:
+            await self.disk.aclose()
 
     # -- cache operations --------------------------------------------------------------------
 
     def purge(self, key: str) -> bool:
+        """Drop ``key`` from both tiers (and from a fetch in flight); True when held."""
         assert self.cache is not None
         self.counters.inc("purges")
         self.flights.mark_purged(key)
-        return self.cache.purge(key)
+        on_disk = self.disk.purge(key) if self.disk is not None else False
+        return self.cache.purge(key) or on_disk
 
     def fetch(self, key: str) -> asyncio.Task[FetchOutcome]:
         """The collapsed fetch of ``key`` (joining one in flight)."""
@@ -175,12 +207,31 @@ class CdnServer:
 
     async def _fetch_and_store(self, key: str, stale: CachedObject | None) -> FetchOutcome:
         assert self.cache is not None
+        on_disk: CachedObject | None = None
+        if stale is None and self.disk is not None and key in self.disk:
+            on_disk = await self.disk.load(key)
+            if on_disk is not None and on_disk.state(self.now()) is CacheState.FRESH:
+                if self.flights.was_purged(key):
+                    return FetchOutcome(on_disk, "ok", tier="disk")
+                return FetchOutcome(on_disk, "ok", self.cache.store(on_disk), tier="disk")
+            stale = on_disk  # past its max-age on disk: revalidate it (If-None-Match)
         outcome = await self._fetch(key, stale)
+        if (
+            outcome.status == "failed"
+            and on_disk is not None
+            and on_disk.usable_on_error(self.now())
+            and not self.flights.was_purged(key)
+        ):
+            return FetchOutcome(on_disk, "stale", tier="disk")  # stale-if-error, from disk
         if self.flights.was_purged(key):
             return FetchOutcome(outcome.obj, outcome.status)
         if outcome.status == "not_found" and stale is not None:
             self.cache.purge(key)  # gone from the origins: stop serving it
+            if self.disk is not None:
+                self.disk.purge(key)
         if outcome.obj is not None and outcome.status in ("ok", "not_modified"):
+            if self.disk is not None:
+                self.disk.save(outcome.obj)  # write-through, in the background
             return FetchOutcome(outcome.obj, outcome.status, self.cache.store(outcome.obj))
         return outcome
 
@@ -235,10 +286,25 @@ class _CdnHandler:
         self._cdn = cdn
         self._counters = cdn.counters
         self.hits = self.misses = self.stale = 0  # plain ints on the hot path
+        self.disk_hits = 0
+        for tier in ("memory", "disk"):
+            cdn.counters.gauge(
+                f"{tier}_hit_ratio",
+                f"Share of media requests answered from the {tier} tier",
+                lambda tier=tier: self.hit_ratio(tier),  # type: ignore[misc]
+            )
+
+    def hit_ratio(self, tier: str) -> float:
+        total = self.hits + self.disk_hits + self.misses + self.stale
+        served = self.hits + self.stale if tier == "memory" else self.disk_hits
+        return round(served / total, 6) if total else 0.0
 
     def render_metrics(self) -> bytes:
         values = self._counters.values
-        for label, value in (("hit", self.hits), ("miss", self.misses), ("stale", self.stale)):
+        for label, value in (
+            ("hit", self.hits), ("disk_hit", self.disk_hits), ("miss", self.misses),
+            ("stale", self.stale),
+        ):  # fmt: skip
             values[("requests", label)] = value
         return self._counters.render()
 
@@ -274,11 +340,11 @@ class _CdnHandler:
                     and "if-none-match" not in headers
                 ):
                     return obj.hit_response
-                return serve(request, obj, "HIT")
+                return serve(request, obj, "HIT", "memory")
             if state is CacheState.STALE:
                 self.stale += 1
                 self._cdn.revalidate(key, obj)
-                return serve(request, obj, "STALE")
+                return serve(request, obj, "STALE", "memory")
             return None  # expired: fetch again
         if path == "/healthz":
             return simple_response(200, _JSON, _HEALTH, keep_alive=request.keep_alive)
@@ -293,10 +359,17 @@ class _CdnHandler:
         cache = cdn.cache
         assert cache is not None
         expired = cache.peek(key)
-        self.misses += 1
         outcome = await asyncio.shield(cdn.fetch(key))
+        if outcome.tier == "disk":
+            self.disk_hits += 1
+        else:
+            self.misses += 1
         if outcome.obj is not None:
-            conn.write(serve(request, outcome.obj, "MISS"))
+            if outcome.tier != "disk":
+                conn.write(serve(request, outcome.obj, "MISS"))
+            else:
+                label = "STALE" if outcome.status == "stale" else "HIT"
+                conn.write(serve(request, outcome.obj, label, "disk"))
         elif outcome.status == "not_found":
             head_only = request.method == "HEAD"
             conn.write(
@@ -309,7 +382,7 @@ class _CdnHandler:
                 )
             )
         elif expired is not None and expired.usable_on_error(cdn.now()):
-            conn.write(serve(request, expired, "STALE"))
+            conn.write(serve(request, expired, "STALE", "memory"))
         else:
             conn.write(
                 error_response(
@@ -324,10 +397,13 @@ class _CdnHandler:
         return request.keep_alive
 
 
-def serve(request: Request, obj: CachedObject, label: str) -> bytes:
-    """The answer to a GET or HEAD from a cached object: 200, 206, 304 or 416."""
+def serve(request: Request, obj: CachedObject, label: str, tier: str | None = None) -> bytes:
+    """The answer to a GET or HEAD from a cached object: 200, 206, 304 or 416; ``tier`` (the
+    cache tier that answered) goes out as ``X-Cache-Tier``."""
     chosen = select(request.method, request.headers, obj.etag, obj.size)
     headers = [("ETag", obj.etag), ("Cache-Control", obj.cache_control), ("X-Cache", label)]
+    if tier is not None:
+        headers.append(("X-Cache-Tier", tier))
     keep_alive, http_1_0 = request.keep_alive, request.http_1_0
     if chosen.status == 304:
         return response_head(304, headers, keep_alive=keep_alive, http_1_0=http_1_0)

@@ -73,6 +73,7 @@ class CachedObject:
                 ("Cache-Control", cache_control),
                 ("Accept-Ranges", "bytes"),
                 ("X-Cache", "HIT"),
+                ("X-Cache-Tier", "memory"),
             ],
             keep_alive=True,
         )
