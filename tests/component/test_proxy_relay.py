@@ -106,3 +106,37 @@ def test_pipelined_requests_on_both_paths_are_answered_in_order() -> None:
             assert e.fakes[0].requests[2].header("host") is not None
 
     run(main())
+
+
+def test_heads_copied_raw_or_rebuilt_reach_the_backend_the_same() -> None:
+    """A head that arrives alone in one read is forwarded as the client's bytes; one split
+    over reads, pipelined or not in canonical form is rebuilt. The backend sees the same."""
+    canonical = b"GET /v1/a HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nX-Tag: t1\r\n\r\n"
+    odd = b"GET /v1/a HTTP/1.1\r\nHost:x\r\nAccept:   */*\r\nX-Tag:t2\r\n\r\n"
+    pipelined = canonical.replace(b"t1", b"t3") + canonical.replace(b"t1", b"t4")
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            e = await edge(stack, [FakeBackend("web-1")])
+            client = await e.raw()
+            await client.send(canonical)  # alone in one read: copied
+            await client.responses(1)
+            await client.send(odd)  # not canonical: rebuilt
+            await client.responses(1)
+            await client.send(canonical[:20])  # split over two writes (two reads, likely)
+            await client.send(canonical[20:].replace(b"t1", b"t5"))
+            await client.responses(1)
+            await client.send(pipelined)
+            await client.responses(2)
+            seen = e.fakes[0].requests
+            assert [r.header("x-tag") for r in seen] == ["t1", "t2", "t5", "t3", "t4"]
+            for request in seen:
+                assert request.target == "/v1/a"
+                assert request.header("host") == "x"
+                assert request.header("accept") == "*/*"
+                assert request.header("x-forwarded-for") == "127.0.0.1"
+                assert request.header("x-forwarded-proto") == "http"
+                assert request.header("x-request-id")
+            assert len({r.header("x-request-id") for r in seen}) == 5
+
+    run(main())

@@ -124,6 +124,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._reading_paused = False
         self._delivered = False  # push mode: on_end / on_error called
+        self._abandoned = False  # the request body was not sent whole (an early answer)
+        self.body_sender: asyncio.Task[None] | None = None  # still sending it after an early answer
 
     def _transition(self, target: ConnState) -> None:
         if (self.state, target) not in _CONN_TRANSITIONS:
@@ -141,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
             and self._complete
             and self._keep_alive
             and self._error is None
+            and not self._abandoned
             and not self._chunks
             and transport is not None
             and not transport.is_closing()
@@ -179,6 +182,27 @@ class UpstreamConnection(asyncio.Protocol):
                 request_sent=True,
             )
         transport.write(data)
+
+    def adopt_body(self, sender: asyncio.Task[None]) -> None:
+        """The backend answered while the request body was still being sent by ``sender``: it
+        goes on in the background until ``stop_body`` (at the response's end)."""
+        self.body_sender = sender
+        sender.add_done_callback(self._body_done)
+
+    def _body_done(self, sender: asyncio.Task[None]) -> None:
+        if sender.cancelled() or sender.exception() is not None:
+            self._abandoned = True  # the body was not sent whole: no request may follow
+
+    def stop_body(self) -> None:
+        """Stop a body still being sent after an early answer. A connection whose body was not
+        sent whole cannot carry another request: it is aborted (and never pooled again)."""
+        sender, self.body_sender = self.body_sender, None
+        if sender is not None and not sender.done():
+            self._abandoned = True
+            sender.cancel()
+        if self._abandoned and self._transport is not None:
+            # Not close(): that would wait to flush body bytes a backend may never read.
+            self._transport.abort()
 
     @property
     def write_paused(self) -> bool:

@@ -115,6 +115,8 @@ class ConnectionPool:
         ``now`` (event-loop time) dates the start of its idleness; a slightly early time only
         makes the pool drop it a little sooner.
         """
+        if conn.body_sender is not None:
+            conn.stop_body()
         if self._closed:
             conn.close()
             return
@@ -132,6 +134,7 @@ class ConnectionPool:
     def discard(self, conn: UpstreamConnection) -> None:
         """Drop a connection in an unknown state (error, timeout, body left unread)."""
         conn.sink = None
+        conn.stop_body()
         conn.close()
 
     async def aclose(self) -> None:

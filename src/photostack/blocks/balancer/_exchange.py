@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
 from photostack.blocks.balancer._connection import ResponseHead, UpstreamConnection
@@ -85,6 +86,7 @@ class Exchange:
         "_total_deadline",
         "_tried",
         "_up",
+        "connect_s",
         "deadline",
         "head",
         "progress",
@@ -123,6 +125,9 @@ class Exchange:
         self._quiet_since = 0.0
         self._seen = 0
         self.deadline = math.inf
+        # Seconds the current try took to obtain its upstream connection: 0.0 for an idle
+        # pooled one, the connect (or the wait for a busy pool) otherwise; None before one.
+        self.connect_s: float | None = None
         self.head: ResponseHead | None = None
         self.progress = 0  # body pieces relayed; the tick compares it to detect silence
 
@@ -222,11 +227,15 @@ class Exchange:
         conn_pool = self._conn_pool = up.conn_pools[backend.name]
         conn = conn_pool.take_idle(now)
         if conn is None:
-            self._connecting = self._loop.create_task(self._connect(conn_pool, deadline))
+            self.connect_s = None
+            self._connecting = self._loop.create_task(
+                self._connect(conn_pool, deadline, perf_counter())
+            )
         else:
+            self.connect_s = 0.0
             self._send(conn)
 
-    async def _connect(self, conn_pool: ConnectionPool, deadline: float) -> None:
+    async def _connect(self, conn_pool: ConnectionPool, deadline: float, asked: float) -> None:
         try:
             conn = await conn_pool.acquire(deadline)
         except UpstreamError as exc:
@@ -235,6 +244,7 @@ class Exchange:
                 self._try_failed(exc)
             return
         self._connecting = None
+        self.connect_s = perf_counter() - asked
         if self._done:
             conn_pool.release(conn)
         else:

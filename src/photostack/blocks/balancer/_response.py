@@ -24,7 +24,7 @@ class StreamedResponse:
     the body was read whole and drops it otherwise.
     """
 
-    __slots__ = ("_backend", "_conn", "_done", "_head", "_pool", "_upstream")
+    __slots__ = ("_backend", "_conn", "_done", "_head", "_pool", "_upstream", "connect_s")
 
     def __init__(
         self,
@@ -33,6 +33,8 @@ class StreamedResponse:
         pool: ConnectionPool,
         conn: UpstreamConnection,
         head: ResponseHead,
+        *,
+        connect_s: float | None = None,
     ) -> None:
         self._upstream = upstream
         self._backend = backend
@@ -40,6 +42,9 @@ class StreamedResponse:
         self._conn = conn
         self._head = head
         self._done = False
+        # Seconds the answering try took to obtain its connection: an idle pooled one (about
+        # 0), a new one (the TCP connect), or one freed by another request (the wait).
+        self.connect_s = connect_s
 
     def __repr__(self) -> str:
         return f"<StreamedResponse {self._head.status} from {self._backend.name}>"

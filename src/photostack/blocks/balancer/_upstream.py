@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
+from time import perf_counter
 
 from photostack.blocks.balancer._budget import RetryBudget
 from photostack.blocks.balancer._checker import HealthChecker
@@ -29,7 +31,12 @@ from photostack.blocks.balancer._retry import (
     retry_verdict,
 )
 from photostack.blocks.balancer._strategy import Strategy, StrategyName, make_strategy
-from photostack.blocks.balancer._wire import BodySource, encode_head, encode_request, send_body
+from photostack.blocks.balancer._wire import (
+    BodySource,
+    encode_head,
+    encode_request,
+    send_body_until_answer,
+)
 
 __all__ = [
     "BodySource",
@@ -362,17 +369,24 @@ class Upstream:
                 chunked=body_length is None,
             )
         pool = self._conn_pools[backend.name]
+        asked = perf_counter()
         conn = await pool.acquire(deadline)
+        connect_s = perf_counter() - asked
         timer: asyncio.TimerHandle | None = None
         try:
             conn.send(data, head_only=method == "HEAD")
             if not isinstance(body, bytes):
                 body_started = conn.loop.time()
-                await send_body(conn, body, chunked=body_length is None, length=body_length)
+                early = await send_body_until_answer(
+                    conn, body, chunked=body_length is None, length=body_length
+                )
                 # The client's upload pace is not the backend's: the wait for the head starts now.
                 deadline += conn.loop.time() - body_started
+                if early:
+                    deadline = math.inf  # the head is here already
             # A timer rather than asyncio.timeout: no task lookup, no cancellation dance.
-            timer = conn.loop.call_at(deadline, conn.time_out_head)
+            if deadline != math.inf:
+                timer = conn.loop.call_at(deadline, conn.time_out_head)
             head = await conn.read_head()
         except BaseException:
             pool.discard(conn)
@@ -381,7 +395,7 @@ class Upstream:
             if timer is not None:
                 timer.cancel()
         self.pool.record_success(backend)
-        return StreamedResponse(self, backend, pool, conn, head)
+        return StreamedResponse(self, backend, pool, conn, head, connect_s=connect_s)
 
     def snapshot(self) -> list[dict[str, object]]:
         rows = self.pool.snapshot()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterable, Sequence
 
-from photostack.blocks.balancer._connection import UpstreamConnection
+from photostack.blocks.balancer._connection import ResponseHead, UpstreamConnection
 from photostack.blocks.balancer._errors import UpstreamConnectError
 
-__all__ = ["BodySource", "encode_head", "encode_request", "send_body"]
+__all__ = ["BodySource", "encode_head", "encode_request", "send_body", "send_body_until_answer"]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Framing and connection management belong to this hop; callers cannot set them.
@@ -90,3 +92,51 @@ async def send_body(
             backend=conn.backend.name,
             request_sent=True,
         )
+
+
+async def send_body_until_answer(
+    conn: UpstreamConnection, body: BodySource, *, chunked: bool, length: int | None
+) -> bool:
+    """``send_body``, but return as soon as the response head arrives; True if it came early.
+
+    A backend may answer (413, 401, ...) before it has read the whole body, and then stop
+    reading or close. Waiting for the body to go through first would stall or fail, and the
+    answer would be lost, so the head is awaited alongside the body. When the head comes
+    first, the body keeps flowing in the background (a backend may answer while it reads),
+    owned by the connection: once the response is over, releasing or discarding the connection
+    stops it, and a connection whose body was not sent whole is closed, not reused
+    (``UpstreamConnection.stop_body``). Raises what ``send_body`` raises when no answer came,
+    or what ``read_head`` raises (the connection failed) while the body waited on its source.
+    """
+    loop = conn.loop
+    sender = loop.create_task(send_body(conn, body, chunked=chunked, length=length))
+    answer = loop.create_task(conn.read_head())
+    try:
+        await asyncio.wait((sender, answer), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await _stop(sender)
+        await _stop(answer)
+        raise
+    if answer.done() and not answer.cancelled() and answer.exception() is None:
+        if sender.done() and not sender.cancelled() and sender.exception() is None:
+            return False  # the body went through whole, then the answer came: not early
+        conn.adopt_body(sender)
+        return True
+    if sender.done():
+        await _stop(answer)  # the caller reads the head again, under its deadline
+        exc = sender.exception()
+        if exc is not None:
+            raise exc  # the body could not be sent, and no answer came
+        return False
+    # The connection failed while the body waited on its source: that failure it is.
+    await _stop(sender)
+    exc = answer.exception()
+    assert exc is not None
+    raise exc
+
+
+async def _stop(task: asyncio.Task[None] | asyncio.Task[ResponseHead]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -78,6 +78,7 @@ class ProxyContext:
         bytes_out: int,
         first_byte: float | None,
         cache: str | None = None,
+        connect_s: float | None = None,
     ) -> None:
         log = self.access_log
         if log is None:
@@ -93,6 +94,7 @@ class ProxyContext:
             status,
             request.bytes_in,
             bytes_out,
+            connect_s,
             None if first_byte is None else first_byte - started,
             perf_counter() - started,
             cache,

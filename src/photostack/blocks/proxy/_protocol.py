@@ -57,6 +57,11 @@ __all__ = ["BODY_BUFFER_BYTES", "ClientConnection", "Request"]
 log = logging.getLogger("photostack.proxy")
 
 _NEVER = math.inf
+# Lingering close (nginx's lingering_time / lingering_timeout): after answering a request whose
+# body is still arriving, the edge half-closes and reads (and drops) what the client still
+# sends, so that closing does not reset the connection before the client has read the answer.
+LINGER_TIME_S = 30.0
+LINGER_TIMEOUT_S = 5.0
 # A request body up to this size is read whole before it goes upstream (so that a failed try
 # can be repeated); a longer one is streamed.
 BODY_BUFFER_BYTES = 64 * 1024
@@ -78,6 +83,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self.exchange: Exchange | None = None  # the fast path's request in flight upstream
         self._task: asyncio.Task[None] | None = None  # the general path's request in flight
         self._rejected = False
+        self._linger_until = 0.0  # lingering (see LINGER_TIME_S) until then, if not 0
         self._paused_pipeline = False
         self._paused_body = False
         self.write_paused = False
@@ -85,6 +91,12 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._eof = False
         self._upgrade: Request | None = None  # a WebSocket upgrade request, for the tunnel
         self._stream: BodyStream | None = None  # the body being streamed upstream
+        # Raw forwarding (Request.raw): the bytes of the current read, whether the parser was
+        # between requests when it began, and how many requests began in it.
+        self._chunk = b""
+        self._fresh = False
+        self._between = True
+        self._begun = 0
         # When the connection must have made progress (event-loop time); the server's tick
         # closes it past this. A new connection must send a request head in header_timeout_s.
         self.deadline = ctx.head_deadline
@@ -123,6 +135,9 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     def on_deadline(self) -> None:
         """Called by the server's tick once ``deadline`` has passed: a slow or idle client."""
         self.deadline = _NEVER
+        if self._linger_until:
+            self.close()  # the answer went out long ago; the rest of the body is not wanted
+            return
         self.ctx.metrics.timeouts += 1
         self.abort()
 
@@ -161,7 +176,13 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
+            if self._linger_until:
+                now = self._loop.time()
+                self.deadline = min(self._linger_until, now + LINGER_TIMEOUT_S)
             return
+        self._chunk = data
+        self._fresh = self._between
+        self._begun = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -208,6 +229,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._content_length = None
         self._framing = False
         self._in_head = True
+        self._between = False
+        self._begun += 1
         if not self._busy and not self._queue:
             # The head must arrive whole in header_timeout_s from its first byte (a head that
             # starts while earlier requests are answered gets its clock when they are done).
@@ -254,6 +277,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self._parser
+        self._between = True
         stream = self._stream
         if stream is not None:  # queued already; its body is whole now
             self._stream = None
@@ -263,15 +287,32 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         parts = self._body_parts
         body = (parts[0] if len(parts) == 1 else b"".join(parts)) if parts else b""
         url = self._url
+        method = parser.get_method()
+        version = parser.get_http_version()
+        raw: bytes | None = None
+        if not parts and self._fresh and self._begun == 1 and version == "1.1":
+            # This read is this request alone, from its first byte (the parser was between
+            # requests when the read began, and only this one began in it) to its last, when
+            # its length is that of the canonical form: "METHOD SP target SP HTTP/1.1 CRLF",
+            # "Name: value CRLF" per header (_head_bytes), CRLF.
+            chunk = self._chunk
+            if (
+                len(chunk) == len(method) + len(url) + 14 + self._head_bytes
+                and chunk.startswith(method)
+                and chunk.find(b"\r\n\r\n") + 4 == len(chunk)  # the head ends the read
+            ):
+                raw = chunk
         request = Request(
-            parser.get_method().decode("ascii"),
+            method.decode("ascii"),
             url.decode("latin-1"),
             self._headers,
             body,
             parser.should_keep_alive(),
-            parser.get_http_version() == "1.0",
+            version == "1.0",
             self._head_bytes + len(url) + 14 + len(body),
             perf_counter(),
+            None,
+            raw,
         )
         # (on_message_begin resets the per-request state for the next one)
         if parser.should_upgrade() and is_websocket_upgrade(request.headers):
@@ -378,7 +419,10 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._task = None
         transport = self._transport
         if not keep_alive or transport is None or transport.is_closing():
-            self.close()
+            if self._stream is not None or self._rejected:
+                self._linger()  # answered while the body was still coming
+            else:
+                self.close()
             return
         if self._dispatching:
             return  # the dispatch loop goes on
@@ -386,6 +430,29 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             self._dispatch()
         else:
             self._went_idle()
+
+    def _linger(self) -> None:
+        """Close once the client has had the answer: half-close, then drop what it still
+        sends until it closes too, or for LINGER_TIMEOUT_S of silence, LINGER_TIME_S at most.
+
+        Closing at once with unread bytes in the socket would reset the connection, and the
+        client could lose the answer before reading it (e.g. a 413 for an upload).
+        """
+        transport = self._transport
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.fail(ConnectionResetError("answered before the request body was whole"))
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        self._rejected = True  # data_received drops what comes now
+        now = self._loop.time()
+        self._linger_until = now + LINGER_TIME_S
+        self.deadline = now + LINGER_TIMEOUT_S
+        self._paused_body = self._paused_pipeline = False
+        self._queue.clear()
+        transport.write_eof()  # after what is buffered: the client reads the answer, then EOF
+        transport.resume_reading()
 
     def _went_idle(self) -> None:
         if self.ctx.draining or self._eof:

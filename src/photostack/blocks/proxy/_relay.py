@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["Relay", "RequestEncoder", "ResponseEncoder"]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_EMPTY_BODY = "Content-Length: 0\r\n"
 # Client headers that never pass as they are: hop-by-hop, framing, and those the edge sets.
 _SKIP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto", "x-request-id"}
 _MANAGED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-request-id"})
@@ -84,7 +85,7 @@ class RequestEncoder:
             self._classes[name] = kind
         return kind
 
-    def encode(  # noqa: PLR0912 - one pass, one branch per kind of header
+    def encode(  # noqa: PLR0911, PLR0912 - one pass, one branch per kind of header
         self, request: Request, *, client_ip: str, proto: str
     ) -> tuple[bytes, str] | None:
         """(the request for the backend, its request id), or None without a Host header.
@@ -95,11 +96,35 @@ class RequestEncoder:
         assert isinstance(body, bytes)
         if self._general:
             return self._encode_general(request, client_ip, proto, body)
+        classes = self._classes
+        raw = request.raw
+        if raw is not None:
+            # The client's own bytes (``Request.raw``) are forwarded as they are when every
+            # header passes unchanged (no hop-by-hop, framing, X-Forwarded-*, X-Request-Id or
+            # rule-removed one): only the edge's headers are appended. One loop, no calls.
+            has_host = False
+            for name, _ in request.headers:
+                kind = classes.get(name)
+                if kind is None:
+                    kind = self._classify(name)
+                if kind == _HOST:
+                    has_host = True
+                elif kind != _PASS:
+                    break
+            else:
+                if not has_host:
+                    return None
+                new_id = new_request_id()
+                length = _EMPTY_BODY if request.method in _BODY_METHODS else ""
+                tail = (
+                    f"X-Forwarded-For: {client_ip}\r\nX-Forwarded-Proto: {proto}\r\n"
+                    f"X-Request-Id: {new_id}\r\n{self._add}{length}\r\n"
+                )
+                return raw[:-2] + tail.encode("latin-1"), new_id
         lines = [f"{request.method} {request.target} HTTP/1.1\r\n"]
         forwarded: str | None = None
         request_id: str | None = None
         seen_id = has_host = False
-        classes = self._classes
         for name, value in request.headers:
             kind = classes.get(name)
             if kind is None:
@@ -352,9 +377,11 @@ class Relay:
         log = self._ctx.access_log
         if log is not None:  # ctx.log(...), inlined
             started = request.started
+            exchange = conn.exchange
             log.add(
                 time(), self.request_id, conn.client_ip, request.method, request.target,
                 self.backend, self._status, request.bytes_in, self._sent,
+                None if exchange is None else exchange.connect_s,
                 self._first_byte - started, perf_counter() - started, None,
             )  # fmt: skip
         self.request = None
@@ -384,17 +411,27 @@ class Relay:
         mode = self._mode
         if mode == _PENDING:
             conn.write_upstream_error(error, self.keep_alive, self.request_id)
-            ctx.log(conn, request, self.request_id, error_status(error), None, 0, None)
+            ctx.log(
+                conn, request, self.request_id, error_status(error), None, 0, None, None,
+                self._connect_s(),
+            )  # fmt: skip
             conn.finished(self.keep_alive)
         elif mode == _BUFFER:
             # The head is not written yet: the client gets a clean 502, then the close.
             conn.write_error(502, "bad_gateway", "backend failed", False, self.request_id)
-            ctx.log(conn, request, self.request_id, 502, self.backend, 0, self._first_byte)
+            ctx.log(
+                conn, request, self.request_id, 502, self.backend, 0, self._first_byte, None,
+                self._connect_s(),
+            )  # fmt: skip
             conn.finished(False)
         else:
             # Part of the response is out: all that is left is to cut the connection.
             ctx.log(
                 conn, request, self.request_id, self._status, self.backend, self._sent,
-                self._first_byte,
+                self._first_byte, None, self._connect_s(),
             )  # fmt: skip
             conn.finished(False)
+
+    def _connect_s(self) -> float | None:
+        exchange = self._conn.exchange
+        return None if exchange is None else exchange.connect_s

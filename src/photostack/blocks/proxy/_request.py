@@ -28,7 +28,12 @@ _STATUS_LINES = {
 
 class Request:
     """One parsed request. ``body`` is bytes, or a ``BodyStream`` still being read from the
-    client (a large or chunked upload); ``body_length`` is its Content-Length, if it had one."""
+    client (a large or chunked upload); ``body_length`` is its Content-Length, if it had one.
+
+    ``raw`` is the request exactly as the client sent it, when the parser saw it arrive alone
+    in one read, as HTTP/1.1, without a body, in canonical form (``Name: value`` lines): the
+    encoder may then forward that block with its edits appended instead of re-serialising.
+    """
 
     __slots__ = (
         "body",
@@ -39,6 +44,7 @@ class Request:
         "keep_alive",
         "method",
         "path",
+        "raw",
         "started",
         "target",
     )
@@ -54,6 +60,7 @@ class Request:
         bytes_in: int,
         started: float,
         body_length: int | None = None,
+        raw: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -65,6 +72,7 @@ class Request:
         self.http_1_0 = http_1_0
         self.bytes_in = bytes_in
         self.started = started
+        self.raw = raw
 
 
 class Reject(Exception):

@@ -46,7 +46,16 @@ class _LeaderGone(Exception):
 class _Exchange:
     """One request being answered through the shared path, and where to answer it."""
 
-    __slots__ = ("conn", "ctx", "headers", "keep_alive", "key", "request", "request_id")
+    __slots__ = (
+        "conn",
+        "connect_s",
+        "ctx",
+        "headers",
+        "keep_alive",
+        "key",
+        "request",
+        "request_id",
+    )
 
     def __init__(
         self,
@@ -65,6 +74,7 @@ class _Exchange:
         self.request_id = request_id
         self.keep_alive = keep_alive
         self.key = request_key(request.method, request.target, request.headers)
+        self.connect_s: float | None = None  # set once this request used an upstream connection
 
 
 async def answer_shared(  # noqa: PLR0917 - the connection's answer-path arguments
@@ -149,6 +159,7 @@ async def _fetch(ex: _Exchange) -> tuple[Buffered | StreamedResponse, float]:
     loop = ctx.loop
     response = await ctx.upstream.open(request.method, request.target, headers=ex.headers)
     first_byte = perf_counter()
+    ex.connect_s = response.connect_s
     limit = ctx.config.cache.max_body_bytes if ctx.config.cache else _DEFAULT_MAX_SHARED_BYTES
     length = response.content_length
     if length is None or length > limit:
@@ -207,7 +218,9 @@ def _write(ex: _Exchange, response: Buffered, first_byte: float | None, label: s
     sent = ex.conn.write_whole(
         request, response.status, headers, response.body, ex.keep_alive, head_length=head_length
     )
+    connect_s = ex.connect_s if first_byte is not None else None  # None: stored, not fetched
     ex.ctx.log(
-        ex.conn, request, ex.request_id, response.status, response.backend, sent, first_byte, label
-    )
+        ex.conn, request, ex.request_id, response.status, response.backend, sent, first_byte,
+        label, connect_s,
+    )  # fmt: skip
     return ex.keep_alive

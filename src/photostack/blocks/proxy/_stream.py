@@ -61,10 +61,16 @@ async def relay(  # noqa: PLR0917 - the answer path's arguments
             )
         except UpstreamError:
             conn.write_error(502, "bad_gateway", "backend failed", False, request_id)
-            ctx.log(conn, request, request_id, 502, response.backend, 0, first_byte)
+            ctx.log(
+                conn, request, request_id, 502, response.backend, 0, first_byte, None,
+                response.connect_s,
+            )  # fmt: skip
             return False
         sent = conn.write_whole(request, status, headers, body, keep_alive)
-        ctx.log(conn, request, request_id, status, response.backend, sent, first_byte)
+        ctx.log(
+            conn, request, request_id, status, response.backend, sent, first_byte, None,
+            response.connect_s,
+        )  # fmt: skip
         return keep_alive
     if ctx.config.gzip is not None and is_compressible_type(header_value(headers, "content-type")):
         add_vary(headers)
@@ -81,7 +87,10 @@ async def relay(  # noqa: PLR0917 - the answer path's arguments
     conn.write(head)
     ctx.metrics.count_response(status)
     sent, ok = await _pump(conn, response, chunked=chunked, sent=len(head))
-    ctx.log(conn, request, request_id, status, response.backend, sent, first_byte)
+    ctx.log(
+        conn, request, request_id, status, response.backend, sent, first_byte, None,
+        response.connect_s,
+    )  # fmt: skip
     return keep_alive and ok
 
 
