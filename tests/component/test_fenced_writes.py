@@ -19,7 +19,7 @@ import pytest
 from photostack.blocks.storage import logical_name
 from photostack.cluster.engines.testing import PostgresServer
 from photostack.service._events import EventStore
-from photostack.service._jobs import Jobs
+from photostack.service._jobs import JobBusyError, JobName, Jobs, LeaseMovedError
 from photostack.service._store import UserStore
 from photostack.service.directory import (
     NO_GUARD,
@@ -241,3 +241,73 @@ def test_unguarded_jobs_would_write_to_the_old_owner(pg_server: PostgresServer) 
             await app.close()
 
     asyncio.run(main())
+
+
+def test_job_leases_and_state_follow_the_fence(pg_server: PostgresServer) -> None:
+    """A job's lease and saved state live on the users shard owning the job's name: once a
+    cut-over moved that name, the old holder's checkpoints are refused (nothing written on the
+    old owner) and the next lease, taken through the stale map, lands on the new owner."""
+
+    async def main() -> None:
+        directory, dsns = await _setup(pg_server)
+        app = App(directory)
+        await app.start()
+        try:
+            name = JobName.RECONCILE_FOLLOWS.value
+            jobs = Jobs(app.routing.router, guard=app.guard)
+            state = "SELECT state::text FROM job_state WHERE job = $1"
+            async with jobs.lease(name) as held:
+                await held.save({"cursor": 1})
+                assert await _text(dsns["users_1"], state, name) == '{"cursor": 1}'
+                await _copy_row(dsns["users_1"], dsns["users_2"], "job_state", "job", name)
+                await _cut_over(directory, "users", name, dsns["users_1"], dsns["users_2"])
+                with pytest.raises(LeaseMovedError):
+                    await held.save({"cursor": 2})
+                with pytest.raises(LeaseMovedError):
+                    await held.check()
+                assert app.routing.installed_version == 1  # the app has not seen the move
+            assert await _text(dsns["users_1"], state, name) == '{"cursor": 1}'
+            # the next lease: the stale map's shard answers "wrong shard", the new owner takes it
+            async with Jobs(app.routing.router, guard=app.guard).lease(name) as moved:
+                assert app.routing.installed_version == 2
+                assert await moved.load() == {"cursor": 1}
+                await moved.save({"0:following": ["", ""]})  # a pass in progress
+                with pytest.raises(JobBusyError):  # one holder at a time, on the new owner too
+                    async with jobs.lease(name):
+                        pass
+            assert await _text(dsns["users_2"], state, name) == '{"0:following": ["", ""]}'
+            assert await _text(dsns["users_1"], state, name) == '{"cursor": 1}'
+            await jobs.run(name)  # a whole run checkpoints on the new owner: the pass finished
+            assert await _text(dsns["users_2"], state, name) == "{}"
+            assert await _text(dsns["users_1"], state, name) == '{"cursor": 1}'
+        finally:
+            await app.close()
+
+    asyncio.run(main())
+
+
+async def _text(dsn: str, sql: str, *args: Any) -> str | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        value: str | None = await conn.fetchval(sql, *args)
+        return value
+    finally:
+        await conn.close()
+
+
+async def _copy_row(src: str, dst: str, table: str, key: str, value: str) -> None:
+    """One row onto ``dst`` (what a reshard's backfill would have copied)."""
+    source = await asyncpg.connect(src)
+    target = await asyncpg.connect(dst)
+    try:
+        row = await source.fetchrow(f"SELECT * FROM {table} WHERE {key} = $1", value)  # noqa: S608
+        assert row is not None
+        columns = list(row.keys())
+        await target.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 - the table's own columns
+            f"VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})",
+            *row.values(),
+        )
+    finally:
+        await source.close()
+        await target.close()

@@ -295,8 +295,8 @@ def test_bad_input_changes_nothing(pg_server: PostgresServer) -> None:
         executor = ReshardExecutor(directory)
         with pytest.raises(ReshardError, match="unknown group 'nope'"):
             await executor.plan(MoveKind.ADD_SHARD, "nope", new_endpoint=rec_endpoint(new_dsn))
-        with pytest.raises(ReshardError, match="not supported yet"):
-            await executor.plan(MoveKind.ADD_SHARD, "users", new_endpoint=rec_endpoint(new_dsn))
+        with pytest.raises(ReshardError, match="users has one shard; it cannot be removed"):
+            await executor.plan(MoveKind.REMOVE_SHARD, "users", shard=1)
         with pytest.raises(ReshardError, match="no shard 9"):
             await executor.plan(MoveKind.REMOVE_SHARD, "social", shard=9)
         assert await executor.moves() == []

@@ -1,9 +1,9 @@
 """Cross-shard jobs: follow-edge reconciliation, user-deletion cleanup, the orphan sweeper.
 
 How they run: every app node has a :class:`JobRunner` that wakes each job on its interval, but a
-job body runs only under its lease, a session-level Postgres advisory lock on the first users
-shard (``pg_try_advisory_lock``): one app node at a time runs a given job, and a node that dies
-mid-run releases it with its connection. The same jobs run on demand through the app's internal
+job body runs only under its lease: one app node at a time runs a given job (an advisory lock on
+the users shard owning the job's name, next to its saved state, both behind the ownership fence:
+service/_jobs_lease.py). The same jobs run on demand through the app's internal
 API (``POST /internal/v1/jobs/{name}/run``), which the control plane exposes as
 ``photostack jobs run NAME``; a run while another node holds the lease answers 409 ``job_busy``.
 
@@ -27,7 +27,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,10 +35,18 @@ import asyncpg
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from photostack.blocks.storage import ShardRouter, scatter_gather, stable_hash64
+from photostack.blocks.storage import ShardRouter, scatter_gather
 
 from ._fenced import execute, fenced, fenced_each
 from ._http import ApiError, JsonResponse
+from ._jobs_lease import (
+    JobBusyError,
+    Lease,
+    LeaseMovedError,
+    current_lease,
+    hold_lease,
+    running_under,
+)
 from ._jobs_sql import (
     ADD_REVERSE,
     ADVANCE,
@@ -55,11 +63,9 @@ from ._jobs_sql import (
     PENDING,
     PHOTO_SCAN,
     RECORD_DELETION,
-    RELEASE_LEASE,
     RELEASE_NAME,
     REVERSE,
     SAVE_STATE,
-    TRY_LEASE,
     USER_FOR_DELETE,
     USERS,
     Edge,
@@ -78,6 +84,8 @@ __all__ = [
     "JobName",
     "JobRunner",
     "Jobs",
+    "Lease",
+    "LeaseMovedError",
     "UnknownJobError",
     "add_internal_job_routes",
 ]
@@ -96,10 +104,6 @@ class JobName(enum.StrEnum):
     ORPHAN_SWEEP = "orphan-sweep"
 
 
-class JobBusyError(DomainError):
-    """Another app node holds the job's lease."""
-
-
 class UnknownJobError(DomainError, LookupError):
     pass
 
@@ -113,11 +117,6 @@ class JobConfig:
         (JobName.RECONCILE_FOLLOWS, 300.0),
         (JobName.ORPHAN_SWEEP, 900.0),
     )
-
-
-def lease_key(name: str) -> int:
-    """The advisory-lock key of job ``name`` (63 bits, stable across processes)."""
-    return stable_hash64(f"photostack-job:{name}") & ((1 << 63) - 1)
 
 
 class Jobs:
@@ -139,17 +138,10 @@ class Jobs:
 
     # -- running under the lease -------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[None]:
-        """Hold job ``name``'s lease for the block. Raises JobBusyError."""
-        key = lease_key(name)
-        async with self._router.shards("users")[0].acquire() as conn:
-            if not await conn.fetchval(TRY_LEASE, key):
-                raise JobBusyError(name)
-            try:
-                yield
-            finally:
-                await conn.fetchval(RELEASE_LEASE, key)
+    def lease(self, name: str) -> contextlib.AbstractAsyncContextManager[Lease]:
+        """Hold job ``name``'s lease for the block (service/_jobs_lease.py). Raises
+        JobBusyError."""
+        return hold_lease(self._router, self._guard, name)
 
     async def run(self, name: str) -> dict[str, Any]:
         """Run job ``name`` now under its lease; returns its report.
@@ -166,8 +158,9 @@ class Jobs:
             JobName.ORPHAN_SWEEP: self.sweep_orphans,
         }[job]
         started = time.monotonic()
-        async with self.lease(job.value):
-            report = await body()
+        async with self.lease(job.value) as held:
+            with running_under(held):
+                report = await body()
         report = {"job": job.value, "elapsed_s": round(time.monotonic() - started, 3), **report}
         self.last_reports[job.value] = report
         return report
@@ -199,6 +192,9 @@ class Jobs:
             while True:
                 pending = await shard.fetch(PENDING, self.config.batch_size)
                 for row in pending:
+                    held = current_lease(JobName.USER_CLEANUP.value)
+                    if held is not None:  # a reshard moved the lease: stop, the next run goes on
+                        await held.check()
                     await self._clean_one(shard, row["user_id"], row["username"], row["stage"])
                     finished.append(row["user_id"])
                 if len(pending) < self.config.batch_size:
@@ -342,12 +338,25 @@ class Jobs:
                     )
 
     async def _load_state(self, job: JobName) -> dict[str, Any]:
-        text = await self._router.shards("users")[0].fetchval(LOAD_STATE, job.value)
+        """The job's saved state: through its lease when this node runs it, else from the
+        owner of the job's name (a read: any copy of the row is the same one)."""
+        held = current_lease(job.value)
+        if held is not None:
+            return await held.load()
+        text = await self._router.shard_for("users", job.value).fetchval(LOAD_STATE, job.value)
         loaded: dict[str, Any] = json.loads(text) if text else {}
         return loaded
 
     async def _save_state(self, job: JobName, state: dict[str, Any]) -> None:
-        await self._router.shards("users")[0].execute(SAVE_STATE, job.value, json.dumps(state))
+        """A checkpoint: on the lease's shard behind the fence (raises LeaseMovedError once a
+        reshard moved the job's name), or, outside a leased run, fenced on the name's owner."""
+        held = current_lease(job.value)
+        if held is not None:
+            await held.save(state)
+        else:
+            await self._fenced(
+                "users", [job.value], execute(SAVE_STATE, job.value, json.dumps(state))
+            )
 
     # -- orphan sweeper ----------------------------------------------------------------------
 
@@ -455,6 +464,8 @@ class JobRunner:
                 try:
                     report = await self.jobs.run(name.value)
                     log.info("job %s: %s", name.value, report)
+                except LeaseMovedError:
+                    log.info("job %s stopped: a reshard moved its lease", name.value)
                 except JobBusyError:
                     log.debug("job %s runs on another node", name.value)
                 except self._errors as exc:
@@ -483,6 +494,10 @@ def add_internal_job_routes(app: FastAPI, jobs: Callable[[], Jobs]) -> None:
         except UnknownJobError as exc:
             known = ", ".join(j.value for j in JobName)
             raise ApiError(404, "unknown_job", f"no job {name!r} (known: {known})") from exc
+        except LeaseMovedError as exc:
+            raise ApiError(
+                409, "job_busy", f"{name}'s lease moved with a reshard; run it again"
+            ) from exc
         except JobBusyError as exc:
             raise ApiError(409, "job_busy", f"{name} is running on another app node") from exc
 

@@ -1,7 +1,7 @@
 """Online resharding, the I/O half: runs a :class:`MovePlan` against real shards, step by step.
 
 Every move is a row of ``reshard_moves`` in the **directory database** (its plan, its phase, its
-progress: keyset cursors, replay positions, counts). Each phase's step is idempotent and saves its
+progress: keyset cursors, counts). Each phase's step is idempotent and saves its
 progress before it advances, so a move restarted in any phase continues where it stopped; a
 storage node that dies mid-step makes the step fail and retry (with back-off) until it is back.
 
@@ -13,7 +13,8 @@ The route (docs/resharding.md):
 2. **backfill**: keyset pages of each table, the rows of moving logical shards upserted to their
    target, the cursor saved after every page.
 3. **catch up**: replay the log: for each logged key, read the source's current row and upsert it
-   on the target (or delete it there when it is gone). Re-reading makes replay idempotent and
+   on the target (or delete it there when it is gone), then delete the replayed entries (no id
+   cursor: ids are taken at insert, not at commit). Re-reading makes replay idempotent and
    order-free. Repeated until the backlog is one page.
 4. **fence**: on each source delete the moving logical shards' ``shard_ownership`` rows. The
    delete waits for in-flight guarded writes (they hold the rows ``FOR SHARE``); after it,
@@ -300,9 +301,13 @@ class ReshardExecutor:
                 await apply_schema_on(conns[index], rec.group)  # a new shard: its tables
             for index in self._sources(rec):
                 conn = conns[index]
-                async with conn.transaction():
-                    await conn.execute(CAPTURE)
-                    for table in tables:
+                await conn.execute(CAPTURE)
+                # One table per transaction: holding one table's trigger lock while waiting for
+                # another's deadlocks with a writer that takes them the other way round (a
+                # sign-up: usernames, then users). Per table is as safe: each CREATE TRIGGER
+                # waits for that table's in-flight writers, and the backfill starts after all.
+                for table in tables:
+                    async with conn.transaction():
                         await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {table.name}")
                         await conn.execute(
                             f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE "
@@ -347,18 +352,21 @@ class ReshardExecutor:
                         await self._save(rec)
 
     async def _replay(self, rec: MoveRecord, conns: Mapping[int, asyncpg.Connection[Any]]) -> int:
-        """One pass over every source's change log; returns the entries read."""
+        """One pass over every source's change log; returns the entries read.
+
+        Entries are consumed (deleted once replayed), not passed by an id cursor: a ``bigserial``
+        id is taken at insert, not at commit, so a writer holding a lower id can commit after a
+        higher one was read, and a cursor would skip its change for good (an event or a seq lost
+        on the new owner). A crash between the upserts and the delete replays them again, which
+        is idempotent (replay re-reads the source)."""
         moves = rec.moves
         logical_of = self._logical_of(rec)
         tables = {t.name: t for t in GROUP_TABLES[rec.group]}
-        positions: dict[str, int] = rec.progress.setdefault("replay", {})
         seen = 0
         for source in self._sources(rec):
-            last = int(positions.get(str(source), 0))
             rows = await conns[source].fetch(
                 "SELECT id, tbl, row_key::text AS row_key FROM reshard_changes "
-                "WHERE id > $1 ORDER BY id LIMIT $2",
-                last,
+                "ORDER BY id LIMIT $1",
                 self.config.batch_rows,
             )
             keys: dict[tuple[str, tuple[Any, ...]], int] = {}
@@ -378,7 +386,10 @@ class ReshardExecutor:
                         upsert_sql(table, list(current.keys())), *current.values()
                     )
             if rows:
-                positions[str(source)] = int(rows[-1]["id"])
+                await conns[source].execute(
+                    "DELETE FROM reshard_changes WHERE id = ANY($1::bigint[])",
+                    [int(r["id"]) for r in rows],
+                )
                 rec.progress["replayed"] = rec.progress.get("replayed", 0) + len(keys)
                 await self._save(rec)
             seen += len(rows)
@@ -476,10 +487,10 @@ class ReshardExecutor:
         return deleted
 
     async def _drop_capture(self, conn: asyncpg.Connection[Any], group: str) -> None:
-        async with conn.transaction():
-            for table in GROUP_TABLES[group]:
-                await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {table.name}")
-            await conn.execute("DROP TABLE IF EXISTS reshard_changes")
+        # one statement (one table lock) per transaction, like the capture: no lock-order cycle
+        for table in GROUP_TABLES[group]:
+            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {table.name}")
+        await conn.execute("DROP TABLE IF EXISTS reshard_changes")
 
     async def _clean(self, rec: MoveRecord) -> None:
         waited = time.time() - float(rec.progress.get("published_at", 0))

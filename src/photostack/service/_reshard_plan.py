@@ -132,16 +132,16 @@ GROUP_TABLES: dict[str, tuple[Table, ...]] = {
         Table("event_seqs", "user_id", ("user_id",)),
         Table("events", "user_id", ("user_id", "seq")),
         Table("user_deletions", "user_id", ("user_id",)),
+        # keyed by the job's name (service/_jobs_lease.py): its saved cursor and its lease on the
+        # users shard owning that name, so a move carries them like any row, behind the fence
+        Table("job_state", "job", ("job",)),
     ),
 }
-# Groups a move may touch. Every write to a moved table is fenced now (the stores, event
-# appends, the jobs' repairs: service/_fenced.py), but ``users`` also holds what is not moved
-# by logical shard: the jobs' state and leases on its *first* shard (``job_state``, advisory
-# locks), and a failed sign-up's username-claim release (service/_store.py) is a bare delete.
-SUPPORTED_GROUPS = frozenset({"social", "photos"})
+# Groups a move may touch: every row of their tables is placed by a key (above) and every write
+# to them runs behind the ownership fence (the stores, event appends, the jobs' writes and
+# leases, a failed sign-up's claim release: service/_fenced.py, docs/directory.md).
+SUPPORTED_GROUPS = frozenset(GROUP_TABLES)
 UNSUPPORTED_WHY = {
-    "users": "the jobs' state and leases live on its first shard, and a failed sign-up's "
-    "claim release is not fenced",
     "directory": "it is the shard map's own database",
 }
 

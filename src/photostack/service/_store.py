@@ -123,8 +123,6 @@ class UserStore:
     async def create_user(self, username: str, display_name: str | None) -> dict[str, Any]:
         """Claim ``username`` then write the user. Raises UsernameTakenError."""
         user_id = new_id()
-        claim_pool = self._router.shard_for("users", username)
-        user_pool = self._router.shard_for("users", user_id)
         claim_sql = (
             "INSERT INTO usernames (username, user_id) VALUES ($1, $2) "
             "ON CONFLICT (username) DO NOTHING RETURNING user_id"
@@ -133,6 +131,7 @@ class UserStore:
             "INSERT INTO users (id, username, display_name) VALUES ($1, $2, $3) "
             "RETURNING id, username, display_name, created_at"
         )
+
         async def claim(conn: Any) -> None:
             if await conn.fetchval(claim_sql, username, user_id) is None:
                 raise UsernameTakenError(username)
@@ -143,24 +142,33 @@ class UserStore:
             )
             return row
 
-        async def both(conn: Any) -> asyncpg.Record | None:
-            await claim(conn)
-            return await insert(conn)
+        async def release(conn: Any) -> None:
+            await conn.execute(
+                "DELETE FROM usernames WHERE username = $1 AND user_id = $2", username, user_id
+            )
 
-        if claim_pool is user_pool:  # one shard: claim and row commit together
-            row = await self._guarded("users", (username, user_id), both)
-        else:  # claim first (the unique point), release it if the row cannot be written
-            await self._guarded("users", (username,), claim)
+        async def claim_first() -> asyncpg.Record | None:
+            # One attempt on the map of that attempt (a reshard may split or join the name's
+            # and the id's shards between attempts): on one shard the claim and the row commit
+            # together (the row is returned); on two, only the claim (None).
+            pool = self._router.shard_for("users", username)
+            together = pool is self._router.shard_for("users", user_id)
+            async with pool.acquire() as conn, conn.transaction():
+                await self._guard.verify(conn, "users", username)
+                await claim(conn)
+                if not together:
+                    return None
+                await self._guard.verify(conn, "users", user_id)
+                return await insert(conn)
+
+        row = await self._guard.retrying(claim_first)
+        if row is None:  # two shards: the claim is the unique point; release it on failure
             try:
                 row = await self._guarded("users", (user_id,), insert)
             except BaseException:
-                await asyncio.shield(
-                    self._router.shard_for("users", username).execute(
-                        "DELETE FROM usernames WHERE username = $1 AND user_id = $2",
-                        username,
-                        user_id,
-                    )
-                )
+                # behind the fence like the claim: a reshard moving the name's logical shard
+                # meanwhile gets the release on the name's new owner, never a lost delete
+                await asyncio.shield(self._guarded("users", (username,), release))
                 raise
         assert row is not None
         return _user_json(row)
