@@ -296,19 +296,27 @@ def test_shard_skew_in_status_and_metrics(cluster: RunningCluster, api: httpx.Cl
     assert "shard skew (map version" in text
     assert "social: rows per shard" in text
 
+    # the gauge is sampled every few seconds: poll until a sample matches the rows read now
     deadline = time.monotonic() + 30
     gauge: float | None = None
+    expected: float | None = None
     with httpx.Client(base_url=cluster.control, timeout=10) as control:
-        while time.monotonic() < deadline and gauge is None:
-            for line in control.get("/metrics").text.splitlines():
-                if line.startswith('photostack_shard_skew{group="social"}'):
-                    gauge = float(line.split()[-1])
-            if gauge is None:
-                time.sleep(0.5)  # the gauges are sampled every few seconds; polled
+        while time.monotonic() < deadline:
+            gauge = next(
+                (
+                    float(line.split()[-1])
+                    for line in control.get("/metrics").text.splitlines()
+                    if line.startswith('photostack_shard_skew{group="social"}')
+                ),
+                None,
+            )
+            rows = json.loads(cluster.cli("status", "--json").stdout)["shard_skew"]["groups"]
+            expected = _cv(next(g for g in rows if g["group"] == "social")["rows"])
+            if gauge is not None and gauge == pytest.approx(expected, abs=0.02):
+                break
+            time.sleep(0.5)  # polled against a deadline, not a synchronisation
     assert gauge is not None
-    rows = json.loads(cluster.cli("status", "--json").stdout)["shard_skew"]["groups"]
-    social_rows = next(g for g in rows if g["group"] == "social")["rows"]
-    assert gauge == pytest.approx(_cv(social_rows), abs=0.02)
+    assert gauge == pytest.approx(expected, abs=0.02)
 
 
 def test_users_add_shard_under_load(cluster: RunningCluster, api: httpx.Client) -> None:
