@@ -6,10 +6,13 @@ RETURNING), so seqs increase without gaps, survive restarts, and commit in seq o
 trimmed to ``events_keep_count`` per user on every write and to ``events_keep_age_s`` by a
 bounded periodic cleanup.
 
-Hot copy and wake-up: after commit, one Lua script on the user's cache node (hash of the user id)
-appends the event to a capped list and PUBLISHes it on the user's channel. Readers prefer the
-list when it provably covers what they ask; anything else (and every ``fresh`` read) goes to
-Postgres. A lost publication costs latency, never an event: web nodes re-read the log.
+Hot copy and wake-up (``_events_hot.py``): before the commit a pending marker goes to the
+user's cache node (hash of the user id); after it, one Lua script appends the event to a capped
+list, PUBLISHes it on the user's channel and clears the marker. Readers prefer the list when it
+provably covers what they ask and no marker is pending; anything else (and every ``fresh`` read)
+goes to Postgres. A failed push is retried in the background; a marker left by a producer that
+died is repaired by the next reader. A lost publication costs latency, never an event: web nodes
+re-read the log.
 
 Producers: :meth:`EventStore.produce` (``follower.new`` on follow, here; ``photo.ready`` /
 ``photo.posted`` from the upload workers, later).
@@ -20,21 +23,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Query, Request
-from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from photostack.blocks.realtime import Event, LogRead, channel_for
-from photostack.blocks.storage import HashModPartitioner, ShardRouter
+from photostack.blocks.realtime import Event, LogRead
+from photostack.blocks.storage import ShardRouter
 
 from ._codec import format_time
+from ._events_hot import EventRetention, HotEvents
 from ._fenced import fenced
 from ._http import JSON_MEDIA_TYPE, ApiError, JsonResponse
 from .directory import NO_GUARD, OwnershipGuard
@@ -72,90 +73,10 @@ def encode_event(seq: int, type_: str, data: Any, at: datetime | str) -> bytes:
     )
 
 
-@dataclass(frozen=True)
-class EventRetention:
-    keep_count: int = 1000  # newest events kept per user
-    keep_age_s: float = 7 * 24 * 3600.0
-    hot_count: int = 100  # newest events kept in the user's Redis list
-    hot_ttl_s: int = 24 * 3600
-    trim_batch: int = 1000  # rows per age-trim statement
-    trim_batches_max: int = 10  # statements per shard per cleanup run (bounded work)
-
-
-# KEYS: list, last-seq. ARGV: seq, body, hot_count, ttl_s, channel. Appends only when the list
-# continues (else restarts it at this event) so the list is always gap-free, then publishes.
-_PUSH_AND_PUBLISH = """
-local seq = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-if seq <= last then return 0 end
-if last ~= seq - 1 then redis.call('DEL', KEYS[1]) end
-redis.call('RPUSH', KEYS[1], ARGV[2])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-redis.call('SET', KEYS[2], seq, 'EX', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[2])
-return 1
-"""
-
-
-class HotEvents:
-    """The capped per-user lists and the channels, on the cache nodes (hash-mod by user id)."""
-
-    def __init__(
-        self, nodes: Sequence[tuple[str, int]], retention: EventRetention, *, prefix: str = "ev:"
-    ) -> None:
-        if not nodes:
-            raise ValueError("HotEvents needs at least one cache node")
-        self._clients = [
-            aioredis.Redis(host=h, port=p, socket_timeout=1.0, socket_connect_timeout=1.0)
-            for h, p in nodes
-        ]
-        self._partitioner = HashModPartitioner(len(nodes))
-        self._retention = retention
-        self._prefix = prefix
-        self._script = self._clients[0].register_script(_PUSH_AND_PUBLISH)
-
-    def __repr__(self) -> str:
-        return f"<HotEvents nodes={len(self._clients)}>"
-
-    def node_for(self, user_id: str) -> int:
-        return self._partitioner.shard_for(user_id)
-
-    def _keys(self, user_id: str) -> list[str]:
-        return [f"{self._prefix}{user_id}", f"{self._prefix}{user_id}:last"]
-
-    async def push_and_publish(self, user_id: str, event: Event) -> bool:
-        """Append to the hot list and publish. Returns False when the node failed (logged)."""
-        client = self._clients[self.node_for(user_id)]
-        r = self._retention
-        try:
-            await self._script(
-                keys=self._keys(user_id),
-                args=[event.seq, event.body, r.hot_count, r.hot_ttl_s, channel_for(user_id)],
-                client=client,
-            )
-        except (RedisError, OSError) as exc:
-            log.warning("event %s/%d not published: %r", user_id, event.seq, exc)
-            return False
-        return True
-
-    async def read(self, user_id: str, after: int, limit: int) -> LogRead | None:
-        """Events after ``after`` when the list provably covers them; else None (ask the log)."""
-        client = self._clients[self.node_for(user_id)]
-        try:
-            raw: list[bytes | str] = await client.lrange(self._keys(user_id)[0], 0, -1)
-        except (RedisError, OSError):
-            return None
-        if not raw:
-            return None
-        events = [Event.from_json(item) for item in raw]
-        if events[0].seq > after + 1:
-            return None  # the list starts later than asked: only the log has the rest
-        newer = [e for e in events if e.seq > after]
-        return LogRead(tuple(newer[:limit]), more=len(newer) > limit)
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients), return_exceptions=True)
+def _event_of(row: Any) -> Event:
+    return Event(
+        row["seq"], row["type"], encode_event(row["seq"], row["type"], row["data"], row["at"])
+    )
 
 
 class _Duplicate(Exception):
@@ -175,6 +96,8 @@ class EventStore:
         self._router = router
         self.retention = retention or EventRetention()
         self.hot = hot
+        if hot is not None:
+            hot.tail_reader = self.tail
         # Appends (seq, row, count trim) are one transaction behind the ownership fence: a
         # ``users`` shard a reshard emptied answers "wrong shard" and the append goes to the
         # new owner (service/_fenced.py). The age trim is not fenced: see :meth:`trim_by_age`.
@@ -223,13 +146,19 @@ class EventStore:
             )
             return seq, at
 
+        # The pending marker goes first, so that no reader trusts a hot list that may lack this
+        # event once it is committed. On any error but a certain rollback the marker stays: if
+        # the commit did happen, the marker turns stale and a reader repairs the list.
+        token = await self.hot.begin(user_id) if self.hot is not None else ""
         try:
             seq, at = await fenced(self._router, self._guard, "users", [user_id], append)
         except _Duplicate:
+            if self.hot is not None:
+                self.hot.abandon(user_id, token)
             return None
         event = Event(seq, type_, encode_event(seq, type_, data_json, at))
         if self.hot is not None:
-            await self.hot.push_and_publish(user_id, event)
+            await self.hot.push_and_publish(user_id, event, token)  # retried when it fails
         return event
 
     async def read(self, user_id: str, after: int, *, limit: int, fresh: bool) -> LogRead:
@@ -247,11 +176,18 @@ class EventStore:
             after,
             limit + 1,
         )
-        events = tuple(
-            Event(r["seq"], r["type"], encode_event(r["seq"], r["type"], r["data"], r["at"]))
-            for r in rows[:limit]
+        return LogRead(tuple(_event_of(r) for r in rows[:limit]), more=len(rows) > limit)
+
+    async def tail(self, user_id: str, count: int) -> list[Event]:
+        """The newest ``count`` events of the log, oldest first (hot-list repairs)."""
+        pool = self._router.shard_for("users", user_id)
+        rows = await pool.fetch(
+            "SELECT seq, type, data::text AS data, at FROM events "
+            "WHERE user_id = $1 ORDER BY seq DESC LIMIT $2",
+            user_id,
+            count,
         )
-        return LogRead(events, more=len(rows) > limit)
+        return [_event_of(r) for r in reversed(rows)]
 
     async def trim_by_age(self) -> int:
         """Delete events older than ``keep_age_s``, in bounded batches per shard. Returns rows.
