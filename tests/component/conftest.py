@@ -11,8 +11,12 @@ one-line reason either way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import psutil
@@ -26,6 +30,39 @@ from photostack.cluster.engines.testing import (
     start_postgres,
     start_redis,
 )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float = 20.0) -> None:
+    """Poll ``check`` until it is true; fail at the deadline (replication is asynchronous)."""
+    deadline = time.monotonic() + deadline_s
+    while not await check():
+        assert time.monotonic() < deadline, f"condition not met within {deadline_s}s"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def streaming_pair(
+    root: Path, primary_name: str, replica_name: str
+) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A Postgres primary and one streaming replica of it (``pg_basebackup -R``), under ``root``;
+    both stopped afterwards. An engine that cannot start: see :func:`engine_unavailable`."""
+    servers: list[PostgresServer] = []
+    try:
+        primary = start_postgres(root / "p", name=primary_name)
+        servers.append(primary)
+        servers.append(
+            start_postgres(root / "r", name=replica_name, primary=(primary.host, primary.port))
+        )
+    except EngineError as exc:
+        for server in servers:
+            server.stop()
+        engine_unavailable(str(exc))
+    try:
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop()
 
 
 def engine_unavailable(reason: str) -> NoReturn:

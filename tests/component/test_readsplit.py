@@ -8,7 +8,6 @@ stale; the lag metrics are exported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,35 +17,19 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from photostack.blocks.storage import ReadRefused, format_lsn
-from photostack.cluster.engines import EngineError
-from photostack.cluster.engines.testing import PostgresServer, start_postgres
+from photostack.cluster.engines.testing import PostgresServer
 from photostack.service._replication import Replication, _read_after, _stale
 from photostack.service.directory import Endpoint, PhysicalShard, initial_map
 from photostack.service.directory._routing import epoch_dsn
-from tests.component.conftest import engine_unavailable
+from tests.component.conftest import streaming_pair
 
 pytestmark = pytest.mark.component
 
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    servers: list[PostgresServer] = []
-    try:
-        primary = start_postgres(tmp_path / "p", name="social-1-primary")
-        servers.append(primary)
-        servers.append(
-            start_postgres(
-                tmp_path / "r", name="social-1-replica-1", primary=(primary.host, primary.port)
-            )
-        )
-    except EngineError as exc:
-        for server in servers:
-            server.stop()
-        engine_unavailable(str(exc))
-    yield servers[0], servers[1]
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop()
+    with streaming_pair(tmp_path, "social-1-primary", "social-1-replica-1") as servers:
+        yield servers
 
 
 @pytest.mark.parametrize("consistency", ["ap", "cp"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from photostack.blocks.storage import ShardRouter
-from photostack.cluster.engines import EngineError
-from photostack.cluster.engines.testing import PostgresServer, start_postgres
+from photostack.cluster.engines.testing import PostgresServer
 from photostack.service import schema
 from photostack.service._photos import PhotoNotFoundError, PhotoStore
 from photostack.service._replication import Replication, _read_after
 from photostack.service._store import EdgeKind, UserStore
 from photostack.service.directory import Endpoint, PhysicalShard, initial_map
 from photostack.service.directory._routing import epoch_dsn
-from tests.component.conftest import engine_unavailable
+from tests.component.conftest import eventually, streaming_pair
 
 pytestmark = pytest.mark.component
 
@@ -38,30 +36,8 @@ GROUPS = ("users", "social", "photos")
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    servers: list[PostgresServer] = []
-    try:
-        primary = start_postgres(tmp_path / "p", name="g-1-primary")
-        servers.append(primary)
-        servers.append(
-            start_postgres(
-                tmp_path / "r", name="g-1-replica-1", primary=(primary.host, primary.port)
-            )
-        )
-    except EngineError as exc:
-        for server in servers:
-            server.stop()
-        engine_unavailable(str(exc))
-    yield servers[0], servers[1]
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float = 20.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not await check():
-        assert time.monotonic() < deadline, f"condition not met within {deadline_s}s"
-        await asyncio.sleep(0.05)
+    with streaming_pair(tmp_path, "g-1-primary", "g-1-replica-1") as servers:
+        yield servers
 
 
 def test_social_and_photos_reads_use_the_replica_and_honour_the_token(

@@ -12,7 +12,6 @@ mark clears.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -24,13 +23,11 @@ import pytest
 
 from photostack.blocks.storage import ReplicationMode
 from photostack.cluster._roles import RoleKeeper, replicas_to_rebuild
-from photostack.cluster.engines import EngineError
 from photostack.cluster.engines._sysuser import chown_to
 from photostack.cluster.engines.testing import (
     EngineProcess,
     PostgresServer,
     start_engine,
-    start_postgres,
 )
 from photostack.cluster.state import NodeLifecycle, NodeState
 from photostack.cluster.topology import Role
@@ -44,37 +41,17 @@ from photostack.service.directory import (
 from photostack.service.directory._coordinator import Coordinator, GroupRule
 from photostack.service.directory._coordinator_policy import CoordinatorConfig
 from photostack.service.directory._replica_policy import ReplicaPolicy
-from tests.component.conftest import engine_unavailable
+from tests.component.conftest import eventually, streaming_pair
 
 pytestmark = pytest.mark.component
 
 NAMES = ("users-1-primary", "users-1-replica-1")
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not await check():
-        assert time.monotonic() < deadline, f"condition not met within {deadline_s}s"
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    servers: list[PostgresServer] = []
-    try:
-        primary = start_postgres(tmp_path / "p", name=NAMES[0])
-        servers.append(primary)
-        servers.append(
-            start_postgres(tmp_path / "r", name=NAMES[1], primary=(primary.host, primary.port))
-        )
-    except EngineError as exc:
-        for server in servers:
-            server.stop()
-        engine_unavailable(str(exc))
-    yield servers[0], servers[1]
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop()
+    with streaming_pair(tmp_path, NAMES[0], NAMES[1]) as servers:
+        yield servers
 
 
 async def fetch(dsn: str, query: str) -> object:
@@ -143,8 +120,8 @@ async def run(coordinator: Coordinator, primary: PostgresServer, replica: Postgr
     def action() -> str:
         return str(coordinator.state()["shards"]["users-1"]["replicas"][NAMES[1]]["action"])
 
-    await eventually(lambda: streams(primary))
-    await eventually(lambda: _true(coordinator.is_leader and action() == "keep"))
+    await eventually(lambda: streams(primary), 30.0)
+    await eventually(lambda: _true(coordinator.is_leader and action() == "keep"), 30.0)
 
     # diverge: promote the replica and write there, then make it a standby of the primary again
     await execute(replica.dsn(), "SELECT pg_promote(true, 10)")
@@ -200,7 +177,7 @@ async def rebuilt(
     assert keeper.rebuilds == 1
     assert replica.engine.rejoined_by == "pg_basebackup"
     assert await keeper._rebuild_stuck(newest) == []  # once per interval, whatever it says
-    await eventually(lambda: streams(primary))
+    await eventually(lambda: streams(primary), 30.0)
     rows = await fetch(replica.dsn(), "SELECT string_agg(id, ',' ORDER BY id) FROM items")
     assert rows == "from-primary"
     await eventually(lambda: _true(action() == "keep"), 10.0)
