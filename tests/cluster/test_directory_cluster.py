@@ -4,6 +4,7 @@ kept across their restarts, and user deletion and jobs through the control plane
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -48,7 +49,7 @@ def test_status_shows_the_map_version(cluster: RunningCluster) -> None:
         assert nodes[name]["state"] == "ready"
         assert nodes[name]["figures"]["map_version"] >= 1
     assert nodes["directory-1-primary"]["figures"]["replicas"] == {
-        "directory-1-replica-1": "streaming/async"
+        "directory-1-replica-1": "streaming/sync"
     }
     table = cluster.cli("status").stdout
     assert "map_version" in table
@@ -98,6 +99,96 @@ def test_killing_directory_nodes_fails_no_request_and_keeps_the_map(
     assert count > 20
     after = json.loads(cluster.cli("directory", "show", "--json").stdout)
     assert after == before
+
+
+def _directory_db(cluster: RunningCluster) -> list[dict[str, Any]]:
+    """Every directory node's ``GET /v1/directory-db`` (the directory database's failover)."""
+    views = []
+    for node in _nodes(cluster).values():
+        if node["role"] == "directory" and node["state"] == "ready":
+            with contextlib.suppress(httpx.HTTPError):
+                answer = httpx.get(f"http://{node['address']}/v1/directory-db", timeout=2)
+                if answer.status_code == 200:
+                    views.append(answer.json())
+    return views
+
+
+def _directory_db_healthy(cluster: RunningCluster) -> bool:
+    """Both directory nodes name the same primary, and a standby streams from it."""
+    views = _directory_db(cluster)
+    if len(views) != 2 or len({(v["primary"], v["generation"]) for v in views}) != 1:
+        return False
+    members = views[0]["members"]
+    return any(m["in_recovery"] and m["streaming"] for m in members)
+
+
+def test_killing_the_directory_primary_keeps_the_map_and_the_cluster_writable(
+    cluster: RunningCluster, api: httpx.Client
+) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not _directory_db_healthy(cluster):
+        assert time.monotonic() < deadline, _directory_db(cluster)
+        time.sleep(0.2)
+    before = json.loads(cluster.cli("directory", "show", "--json").stdout)
+    primary = _directory_db(cluster)[0]["primary"]
+    assert f"kill: {primary}" in cluster.cli("kill", primary).stdout
+    # restarted in place by the supervisor, or failed over by the directory nodes (the old
+    # primary then rejoins as a standby): either way one primary, a streaming standby again
+    deadline = time.monotonic() + 2 * DEADLINE_S
+    while not _directory_db_healthy(cluster):
+        assert time.monotonic() < deadline, _directory_db(cluster)
+        time.sleep(0.2)
+    after = json.loads(cluster.cli("directory", "show", "--json").stdout)
+    assert after["version"] >= before["version"]  # no map version lost
+    writer = _new_user(api)  # writes work again (the coordinator leads, fences renewed)
+    deadline = time.monotonic() + DEADLINE_S
+    while api.get(f"/v1/users/{writer['id']}").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_a_stopped_directory_primary_is_failed_over_and_rejoins_as_a_standby(
+    cluster: RunningCluster, api: httpx.Client
+) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not _directory_db_healthy(cluster):
+        assert time.monotonic() < deadline, _directory_db(cluster)
+        time.sleep(0.2)
+    first = _directory_db(cluster)[0]
+    old, generation = first["primary"], first["generation"]
+    before = json.loads(cluster.cli("directory", "show", "--json").stdout)
+    cluster.cli("stop", old)  # stays down: the directory nodes promote the standby
+
+    def moved() -> bool:
+        views = _directory_db(cluster)
+        return len(views) == 2 and all(
+            v["generation"] == generation + 1 and v["primary"] != old for v in views
+        )
+
+    deadline = time.monotonic() + DEADLINE_S
+    while not moved():
+        assert time.monotonic() < deadline, _directory_db(cluster)
+        time.sleep(0.2)
+    after = json.loads(cluster.cli("directory", "show", "--json").stdout)
+    assert after["version"] >= before["version"]  # no map version lost
+    # the coordinator leads again from the new primary: writes work (503 + Retry-After while
+    # its lease moves over)
+    deadline = time.monotonic() + DEADLINE_S
+    while (
+        created := api.post("/v1/users", json={"username": f"d_{uuid.uuid4().hex[:12]}"})
+    ).status_code != 201:
+        assert created.status_code == 503, created.text
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert api.get(f"/v1/users/{created.json()['id']}").status_code == 200
+    cluster.cli("start", old)  # rejoined (pg_rewind or base backup), never a primary again
+    deadline = time.monotonic() + 2 * DEADLINE_S
+    while not _directory_db_healthy(cluster):
+        assert time.monotonic() < deadline, _directory_db(cluster)
+        time.sleep(0.2)
+    members = {m["name"]: m for m in _directory_db(cluster)[0]["members"]}
+    assert members[old]["in_recovery"]
+    assert members[old]["streaming"]
 
 
 def test_deleting_a_user_through_the_control_plane(

@@ -13,6 +13,9 @@ says so. The supervisor only starts processes, so :class:`RoleKeeper` makes it f
   leading coordinator marks ``action: rebuild`` (it points at its primary but cannot stream from
   it: a diverged timeline, WAL gone) is stopped, rebuilt from a fresh base backup of the primary
   and restarted — redundancy restored;
+- the directory database's members follow the directory nodes (``GET /v1/directory-db``, the
+  highest generation): a member they do not name primary is started, or rejoined, as a standby
+  of the one they name (docs/replication.md, "The directory's own database");
 - control routes: ``POST /v1/failover/{shard}`` (``photostack failover SHARD``) and
   ``GET /v1/replication`` (the leader coordinator's view, for ``photostack status``).
 """
@@ -34,7 +37,7 @@ from starlette.routing import Route
 from photostack.cluster.engines import EngineError, PostgresEngine
 from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
-from photostack.cluster.topology import PRODUCT_GROUPS, Role
+from photostack.cluster.topology import DIRECTORY_GROUP, PRODUCT_GROUPS, Role
 
 __all__ = ["RoleKeeper", "desired_role", "replicas_to_rebuild", "replication_routes"]
 
@@ -150,6 +153,28 @@ class RoleKeeper:
             return None
         return engine if isinstance(engine, PostgresEngine) else None
 
+    def _directory_member(self, node: ManagedNode) -> PostgresEngine | None:
+        engine = node.engine
+        if node.spec.role is not Role.STORAGE or node.spec.group != DIRECTORY_GROUP:
+            return None
+        return engine if isinstance(engine, PostgresEngine) else None
+
+    async def _directory_primary(self) -> str | None:
+        """The member of the directory database that the directory nodes name primary (the
+        highest generation any of them reports), or None when none answers."""
+        best: tuple[int, str] | None = None
+        for node in self.supervisor.nodes.values():
+            if node.spec.role is not Role.DIRECTORY or node.lifecycle.state is not NodeState.READY:
+                continue
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+                    answer = await client.get(f"http://{node.spec.address}/v1/directory-db")
+                body = answer.json()
+                if answer.status_code == 200 and body["primary"]:
+                    found = (int(body["generation"]), str(body["primary"]))
+                    best = found if best is None or found > best else best
+        return None if best is None else best[1]
+
     def _follow(self, engine: PostgresEngine, primary: str) -> bool:
         """Point ``engine`` at ``primary``; True when its PGDATA must be rejoined."""
         target = self.supervisor.nodes.get(primary)
@@ -191,6 +216,13 @@ class RoleKeeper:
 
     async def before_launch(self, node: ManagedNode) -> None:
         """Make a restarting storage node take the role the map gives it (see the module)."""
+        member = self._directory_member(node)
+        if member is not None and self.is_ready():
+            primary = await self._directory_primary()
+            if primary is not None and primary != node.name and self._follow(member, primary):
+                log.warning("%s rejoins the directory database as a standby", node.name)
+                await self._rejoin(node, member, primary)
+            return
         engine = self._storage(node)
         if engine is None or not self.is_ready():
             return
@@ -244,7 +276,35 @@ class RoleKeeper:
                 await self.supervisor.start(node.name)
                 done.append(node.name)
                 mismatched.pop(node.name, None)
+        done += await self._reconcile_directory(mismatched)
         self._mismatched = mismatched
+        return done
+
+    async def _reconcile_directory(self, mismatched: dict[str, int]) -> list[str]:
+        """Rejoin a member of the directory database running as a primary that the directory
+        nodes do not name (an old primary restarted with its own data after a promotion)."""
+        members = [
+            (n, e)
+            for n in list(self.supervisor.nodes.values())
+            if (e := self._directory_member(n)) is not None
+            and n.lifecycle.state is NodeState.READY
+            and not e.standby_on_disk
+        ]
+        primary = await self._directory_primary() if members else None
+        done = []
+        for node, engine in members:
+            if primary is None or primary == node.name:
+                continue
+            mismatched[node.name] = self._mismatched.get(node.name, 0) + 1
+            if mismatched[node.name] < 2 or not self._follow(engine, primary):
+                continue
+            log.warning("%s runs as a directory primary the directory does not name", node.name)
+            with contextlib.suppress(CommandRefused):
+                await self.supervisor.stop(node.name)
+                await self._rejoin(node, engine, primary)
+                await self.supervisor.start(node.name)
+                done.append(node.name)
+                mismatched.pop(node.name, None)
         return done
 
     async def _rebuild_stuck(self, newest: dict[str, Any]) -> list[str]:

@@ -33,7 +33,7 @@ from photostack.cluster.engines import (
 )
 from photostack.cluster.engines.base import Engine, ProcessSpec
 from photostack.cluster.nodes import NodeProcessConfig, PhotostackNodeEngine
-from photostack.cluster.reshard_ops import added_storage_nodes
+from photostack.cluster.reshard_ops import added_storage_nodes, retired_storage_nodes
 from photostack.cluster.state import NodeLifecycle
 from photostack.cluster.supervisor import ManagedNode
 from photostack.cluster.topology import (
@@ -126,6 +126,9 @@ def directory_settings(lay: Layout, name: str) -> DirectorySettings:
         initial_map=directory_map(lay).to_json(),
         replication=replication_policies(lay),  # the failover coordinator's per-group rules
         observers=tuple(n.name for n in lay.by_role(Role.DIRECTORY)),
+        # the directory database fails over too (docs/replication.md): members and peers
+        members=(primary.name, *(r.name for r in replicas)),
+        peers={n.name: n.address for n in lay.by_role(Role.DIRECTORY) if n.name != name},
     )
 
 
@@ -146,6 +149,10 @@ def _sync_standbys(lay: Layout, node: NodeSpec) -> str:
     synchronous group (the same list on every member, so it stays right after a failover)."""
     from photostack.blocks.storage import ReplicationMode, synchronous_standby_names
 
+    if node.group == DIRECTORY_GROUP:  # synchronous: no acknowledged map version is lost
+        primary, replicas = lay.shard_nodes(DIRECTORY_GROUP, 1)
+        names = [r.name for r in replicas] + [primary.name]
+        return synchronous_standby_names(ReplicationMode.SYNC, names) if replicas else ""
     if node.group is None or node.shard is None or node.group not in PRODUCT_GROUPS:
         return ""
     mode = ReplicationMode(lay.topology.group(node.group).replication)
@@ -262,11 +269,14 @@ def build(
         )
         for node in lay.nodes
     ]
-    # shards `photostack reshard add-shard` created (their data and tables exist already)
-    added = added_storage_nodes(data.root, nodes)
+    # shards `photostack reshard remove-shard` emptied and retired are not started again;
+    # shards `photostack reshard add-shard` created (their data and tables exist already) are
+    retired = retired_storage_nodes(data.root)
+    nodes = [n for n in nodes if n.name not in retired]
+    added = [n for n in added_storage_nodes(data.root, nodes) if n.name not in retired]
     nodes += added
 
-    primaries = [n for n in lay.nodes if n.is_primary]
+    primaries = [n for n in lay.nodes if n.is_primary and n.name not in retired]
 
     first_map = directory_map(lay)
 
@@ -291,7 +301,10 @@ def build(
         Phase(
             "storage primaries", [n.name for n in primaries] + [n.name for n in added], init_storage
         ),
-        Phase("storage replicas", [n.name for n in lay.nodes if n.replica_of]),
+        Phase(
+            "storage replicas",
+            [n.name for n in lay.nodes if n.replica_of and n.name not in retired],
+        ),
         Phase("directory", names(Role.DIRECTORY)),
         Phase("media", names(Role.MEDIA)),  # uploads need both origins (docs/media.md)
         Phase("caches", names(Role.CACHE)),
@@ -516,6 +529,9 @@ def _media_engine(lay: Layout, node: NodeSpec, data: DataDir) -> Engine:
             "cache_bytes": topo.cdn_cache_bytes,
             "max_entry_bytes": topo.cdn_max_entry_bytes,
             "max_object_bytes": topo.media_max_object_bytes,
+            "disk_root": str(data.root / "cdn" / node.name) if topo.cdn_disk_cache_bytes else None,
+            "disk_cache_bytes": topo.cdn_disk_cache_bytes,
+            "disk_max_entry_bytes": topo.cdn_disk_max_entry_bytes,
         }
     return PhotostackNodeEngine(_node_config(node, data, settings))
 

@@ -83,7 +83,7 @@ _NEVER = "FFFFFFFF/FFFFFFFF"  # a read-your-writes LSN no replica has replayed: 
 
 @dataclass(frozen=True)
 class FailoverBenchConfig:
-    sync_runs: int = 5
+    sync_runs: int = 10
     async_runs: int = 3
     writers: int = 4
     after_kill_s: float = 2.0  # writes kept going after they resumed

@@ -71,6 +71,8 @@ class Coordinator(FailoverMixin):
                     log.warning("%s: coordinator round failed: %r", self.name, exc)
                 except DirectoryError as exc:
                     log.warning("%s: coordinator round: %s", self.name, exc)
+                except Exception:  # a bug must not end failure detection on this node for good
+                    log.exception("%s: coordinator round failed", self.name)
                 spent = self._clock() - started
                 await asyncio.sleep(max(0.01, self.config.probe_interval_s - spent))
         finally:
@@ -82,7 +84,10 @@ class Coordinator(FailoverMixin):
     async def _lease_forever(self) -> None:
         while True:
             started = self._clock()
-            await self._lead()
+            try:
+                await self._lead()
+            except Exception:
+                log.exception("%s: leader lease round failed", self.name)
             spent = self._clock() - started
             await asyncio.sleep(max(0.01, self.config.renew_interval_s - spent))
 

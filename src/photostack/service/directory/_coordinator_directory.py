@@ -18,11 +18,15 @@ import asyncpg
 from ._coordinator_policy import CoordinatorConfig
 from ._coordinator_replicas import DB_ERRORS
 from ._coordinator_sql import ACQUIRE_LEASE, DIRECTORY_COORDINATOR_SCHEMA, LEASE_HELD
+from ._dirdb import FencedError as DirdbFencedError
+from ._dirdb import check_fence
 from ._errors import DirectoryError
 from ._map import ClusterMap
 from ._mapstore import MapStore
 
 __all__ = ["DirectoryLink", "FailoverError"]
+
+_LINK_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, DirdbFencedError)
 
 Action = Callable[["asyncpg.Connection[Any]"], Awaitable[Any]]
 
@@ -42,6 +46,23 @@ class DirectoryLink:
         self._lease_db: asyncpg.Connection[Any] | None = None
         self._lock = asyncio.Lock()
         self._schema_ready = False
+        # (member, generation) of the directory primary (``_dirdb``): every connection checks
+        # it names its server, and a publish re-checks it in its transaction. None: no check.
+        self.fence: tuple[str, int] | None = None
+
+    def retarget(self, dsn: str, fence: tuple[str, int] | None) -> None:
+        """The directory database failed over: use ``dsn`` (member and generation ``fence``)
+        from the next operation on; the connections to the old primary are dropped."""
+        self._dsn, self.fence = dsn, fence
+        for conn in (self._db, self._lease_db):
+            if conn is not None:
+                conn.terminate()
+        self._db = self._lease_db = None
+
+    async def _fenced(self, conn: asyncpg.Connection[Any]) -> None:
+        if self.fence is not None:
+            async with conn.transaction():
+                await check_fence(conn, *self.fence)
 
     async def aclose(self) -> None:
         conns = [c for c in (self._db, self._lease_db) if c is not None]
@@ -60,6 +81,7 @@ class DirectoryLink:
                     "synchronous_commit": "off",
                 },
             )
+            await self._fenced(self._db)
         if not self._schema_ready:
             async with self._db.transaction():
                 await self._db.execute("SELECT pg_advisory_xact_lock(7070)")
@@ -74,10 +96,12 @@ class DirectoryLink:
         async with self._lock:
             try:
                 return await fn(await self._directory())
-            except DB_ERRORS:
+            except _LINK_ERRORS as exc:
                 if self._db is not None:
                     self._db.terminate()
                     self._db = None
+                if isinstance(exc, DirdbFencedError):  # to its callers: the primary is gone
+                    raise ConnectionError(str(exc)) from exc
                 raise
 
     # -- observations --------------------------------------------------------------------------
@@ -131,11 +155,14 @@ class DirectoryLink:
                 async with self._lease_db.transaction():
                     await self._lease_db.execute("SELECT pg_advisory_xact_lock(7070)")
                     await self._lease_db.execute(DIRECTORY_COORDINATOR_SCHEMA)
+                await self._fenced(self._lease_db)
             term = await self._lease_db.fetchval(ACQUIRE_LEASE, holder, self.config.leader_lease_s)
-        except DB_ERRORS:
+        except _LINK_ERRORS as exc:
             if self._lease_db is not None:
                 self._lease_db.terminate()
                 self._lease_db = None
+            if isinstance(exc, DirdbFencedError):
+                raise ConnectionError(str(exc)) from exc
             raise
         return None if term is None else int(term)
 
@@ -157,6 +184,8 @@ class DirectoryLink:
         async def run(db: asyncpg.Connection[Any]) -> None:
             async with db.transaction():
                 await db.execute("SET LOCAL synchronous_commit = on")
+                if self.fence is not None:
+                    await check_fence(db, *self.fence)
                 if await db.fetchval(LEASE_HELD, holder) is None:
                     raise FailoverError(f"{self.name} no longer holds the coordinator lease")
                 await MapStore.publish(db, proposed)

@@ -60,6 +60,9 @@ DB_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # asyncpg's answer when a killed server ends the session in the middle of a statement; not
+    # an InterfaceError: left out, it ended both coordinators' loops at a primary's SIGKILL
+    asyncpg.InternalClientError,
 )
 
 Runner = Callable[[str, Callable[["asyncpg.Connection[Any]"], Awaitable[Any]]], Awaitable[Any]]

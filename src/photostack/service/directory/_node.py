@@ -4,13 +4,17 @@
 - ``GET /v1/map/version`` -> 200 ``{"version": N}`` (what clients poll; answered from memory)
 - ``PUT /v1/map`` the next map -> 200 ``{"version": N}`` | 409 ``stale_version`` (a version not
   above the current one) | 422 ``invalid_map`` | 503 ``directory_storage_unavailable``
+- ``GET /v1/directory-db`` -> 200 this node's view of the directory database (``_dirdb``: which
+  member is primary, its generation, the members, the last failover decision) | 404 without a
+  standby
 - ``GET /healthz`` (200 once a map is loaded), ``GET /metrics``
 
 Reads are served from memory, refreshed from the directory database every
 ``refresh_interval_s`` (the primary, or a replica when the primary is down), so a directory node
 keeps answering through a database outage and two nodes converge within one interval. On its
 first start a node stores ``initial_map`` when the database has no map yet (two nodes doing it at
-once is safe: one advisory lock).
+once is safe: one advisory lock). The directory nodes fail that database over themselves
+(``_dirdb``, docs/replication.md): writes go only to the member the current generation names.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import httpx
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.responses import Response
@@ -39,6 +44,8 @@ from photostack.service._http import (
 )
 
 from ._coordinator_routes import add_coordinator_routes, coordinator_for
+from ._dirdb import DirdbConfig, DirectoryDatabase, FencedError, check_fence, claim_generation
+from ._dirdb_policy import PeerView
 from ._errors import MapFormatError, StaleMapError
 from ._map import ClusterMap, with_addresses_of
 from ._mapstore import MapStore, apply_directory_schema
@@ -58,6 +65,7 @@ _DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.QueryCanceledError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    FencedError,
 )
 
 _SYNC_ERRORS: tuple[type[Exception], ...] = (*_DB_ERRORS, MapFormatError, asyncpg.PostgresError)
@@ -77,6 +85,12 @@ class DirectorySettings:
     observers: tuple[str, ...] = ()
     coordinator: dict[str, Any] | None = None
     coordinate: bool = True
+    # Failover of the directory database itself (``_dirdb``): the member names, in the order
+    # of (primary_dsn, *replica_dsns), and the other directory nodes' ``host:port``. Without
+    # member names the database is not failed over.
+    members: tuple[str, ...] = ()
+    peers: dict[str, str] = field(default_factory=dict)
+    dirdb: dict[str, Any] | None = None  # DirdbConfig overrides
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -95,6 +109,9 @@ class DirectorySettings:
             observers=tuple(raw.get("observers", ())),
             coordinator=raw.get("coordinator"),
             coordinate=raw.get("coordinate", True),
+            members=tuple(raw.get("members", ())),
+            peers=dict(raw.get("peers", {})),
+            dirdb=raw.get("dirdb"),
         )
 
 
@@ -106,11 +123,13 @@ class DirectoryNode:
         self.map: ClusterMap | None = None
         self.source = "none"  # where the cached map was last read: primary | replica
         self._primary: Pool | None = None
+        self._primary_dsn = settings.primary_dsn
         self._replicas: list[Pool] = []
         self._schema_ready = False
         self._loaded = asyncio.Event()
         # The failover coordinator (docs/replication.md); None when coordination is off.
         self.coordinator = coordinator_for(settings, lambda: self.map, self.install)
+        self.dirdb = self._directory_database(settings)
         self.version_gauge = Gauge(
             "photostack_directory_map_version", "Version of the map served.", registry=self.registry
         )
@@ -120,6 +139,43 @@ class DirectoryNode:
             ["result"],
             registry=self.registry,
         )
+
+    def _directory_database(self, settings: DirectorySettings) -> DirectoryDatabase | None:
+        dsns = (settings.primary_dsn, *settings.replica_dsns)
+        if len(settings.members) != len(dsns) or len(dsns) < 2:
+            return None
+        return DirectoryDatabase(
+            settings.name,
+            dict(zip(settings.members, dsns, strict=True)),
+            settings.observers,
+            fetch_view=self._peer_view,
+            on_primary=self._primary_moved,
+            config=DirdbConfig(**(settings.dirdb or {})),
+        )
+
+    async def _peer_view(self, node: str) -> PeerView | None:
+        """Directory node ``node``'s view of the directory database (``GET /v1/directory-db``)."""
+        address = self.settings.peers.get(node)
+        if address is None:
+            return None
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            answer = await client.get(f"http://{address}/v1/directory-db")
+        view = answer.json().get("view") if answer.status_code == 200 else None
+        if view is None:
+            return None
+        view["sync_standbys"] = tuple(view["sync_standbys"])
+        return PeerView(**view)
+
+    async def _primary_moved(self, name: str, dsn: str, generation: int) -> None:
+        """The directory database has a new primary: writes (this node's pool, the
+        coordinator's lease and publishes) go there, fenced by its generation."""
+        if self.coordinator is not None:
+            self.coordinator.directory.retarget(dsn, (name, generation))
+        if self._primary_dsn == dsn or self._primary is None:
+            return
+        old, self._primary = self._primary, await self._pool(dsn)
+        self._primary_dsn = dsn
+        old.terminate()
 
     async def wait_ready(self) -> None:
         await self._loaded.wait()
@@ -140,8 +196,20 @@ class DirectoryNode:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        self._primary = await self._pool(self.settings.primary_dsn)
-        self._replicas = [await self._pool(d) for d in self.settings.replica_dsns]
+        watching = None
+        if self.dirdb is not None:  # find the primary first: it may not be the topology's
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dirdb.probe_once(), 5.0)
+            self._primary_dsn = self.dirdb.dsn
+            if self.coordinator is not None and self.dirdb.primary is not None:
+                fence = (self.dirdb.primary, self.dirdb.generation)
+                self.coordinator.directory.retarget(self._primary_dsn, fence)
+            watching = asyncio.create_task(self.dirdb.run(), name=f"{self.settings.name}-dirdb")
+        self._primary = await self._pool(self._primary_dsn)
+        # reads fall back to any other member (an old primary comes back as a standby)
+        others = list(self.dirdb.members.values()) if self.dirdb else []
+        fallback = [d for d in others if d != self._primary_dsn] or self.settings.replica_dsns
+        self._replicas = [await self._pool(d) for d in fallback]
         task = asyncio.create_task(self._sync_forever(), name=f"{self.settings.name}-sync")
         coordinating = (
             asyncio.create_task(self.coordinator.run(), name=f"{self.settings.name}-coordinator")
@@ -152,7 +220,7 @@ class DirectoryNode:
             yield
         finally:
             self.health.to(HealthState.DRAINING)
-            for background in (task, coordinating):
+            for background in (task, coordinating, watching):
                 if background is not None:
                     background.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -162,6 +230,8 @@ class DirectoryNode:
                     await asyncio.wait_for(pool.close(), 5.0)
                 except TimeoutError:
                     pool.terminate()
+            if self.dirdb is not None:
+                await self.dirdb.aclose()
 
     async def _sync_forever(self) -> None:
         while True:
@@ -178,6 +248,8 @@ class DirectoryNode:
             async with self._primary.acquire() as conn:
                 if not self._schema_ready:
                     await apply_directory_schema(conn)
+                    if self.dirdb is not None:  # first start: the topology's primary is gen 1
+                        await claim_generation(conn, self.dirdb.primary or self.settings.members[0])
                     initial = self.settings.initial_map
                     if initial is not None:
                         await self._initialise(conn, ClusterMap.from_json(initial))
@@ -236,7 +308,12 @@ class DirectoryNode:
     async def publish(self, proposed: ClusterMap) -> None:
         assert self._primary is not None
         async with self._primary.acquire() as conn:
-            await MapStore.publish(conn, proposed)
+            if self.dirdb is None or self.dirdb.primary is None:
+                await MapStore.publish(conn, proposed)
+            else:  # only on the member the current generation names (the fence)
+                async with conn.transaction():
+                    await check_fence(conn, self.dirdb.primary, self.dirdb.generation)
+                    await MapStore.publish(conn, proposed)
         self.install(proposed)
 
 
@@ -269,6 +346,12 @@ def create_directory_app(settings: DirectorySettings) -> FastAPI:
         return JsonResponse({"version": node.current().version, "source": node.source})
 
     add_coordinator_routes(app, lambda: node.coordinator)
+
+    @app.get("/v1/directory-db")
+    async def directory_db() -> Response:
+        if node.dirdb is None:
+            raise ApiError(404, "not_failed_over", "this directory database has no standby")
+        return JsonResponse(node.dirdb.status())
 
     @app.put("/v1/map")
     async def put_map(request: Request) -> Response:
