@@ -2,7 +2,8 @@
 add-shard social` under a read/write loop through the edge, with no failed request, every edge
 readable afterwards both ways, and the keys moved within 1.05 x the ideal k/(n+1); then
 `remove-shard social 2`, and `add-shard users` under sign-ups, profile reads, follows and
-event polls (every user readable by id and name afterwards, each user's events 1..n)."""
+event polls (every user readable by id and name afterwards, each user's events 1..n; the new
+shard has the group's replica, streaming from its primary and watched by the coordinator)."""
 
 from __future__ import annotations
 
@@ -319,6 +320,37 @@ def test_shard_skew_in_status_and_metrics(cluster: RunningCluster, api: httpx.Cl
     assert gauge == pytest.approx(expected, abs=0.02)
 
 
+def _new_shard_streams(cluster: RunningCluster, shards: list[dict[str, Any]]) -> None:
+    """The shard add-shard created (the map's last) has the group's replica (the small
+    topology: users has 1, async): listed in the map, streaming from the new primary
+    (pg_stat_replication, in `status`), and watched by the failover coordinator."""
+    added = shards[-1]
+    primary = added["primary"]["name"]
+    replica = primary.replace("-primary", "-replica-1")
+    assert [r["name"] for r in added["replicas"]] == [replica]
+    deadline = time.monotonic() + 60
+    while True:
+        status = json.loads(cluster.cli("status", "--json").stdout)
+        nodes = {n["name"]: n for n in status["nodes"]}
+        if nodes[primary]["figures"].get("replicas") == {replica: "streaming/async"}:
+            break
+        assert time.monotonic() < deadline, nodes[primary]
+        time.sleep(0.5)  # polling pg_stat_replication under a deadline
+    assert nodes[replica]["state"] == "ready"
+    assert nodes[replica]["figures"]["in_recovery"] is True
+    key = f"users-{len(shards)}"
+    view: dict[str, Any] = {}
+    while True:
+        answer = httpx.get(f"{cluster.control}/v1/replication", timeout=10)
+        view = answer.json().get("shards", {}).get(key, {}) if answer.status_code == 200 else {}
+        if view.get("replicas", {}).get(replica, {}).get("state") == "streaming":
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.5)  # the coordinator samples every round
+    assert view["primary"] == primary
+    assert view["phase"] == "healthy"
+
+
 def test_users_add_shard_under_load(cluster: RunningCluster, api: httpx.Client) -> None:
     """`reshard add-shard users` (names, user rows, event logs, deletions and the jobs' state all
     move) under sign-ups, profile reads by id and by name, follows (each a follower.new event to
@@ -407,6 +439,7 @@ def test_users_add_shard_under_load(cluster: RunningCluster, api: httpx.Client) 
     assert move["moves"] / after["groups"]["users"]["partitioner"]["logical_shards"] <= 1.05 / (
         shards_before + 1
     )
+    _new_shard_streams(cluster, after["groups"]["users"]["shards"])
     for user_id, user in users.items():  # every user readable, by id and by name
         response = api.get(f"/v1/users/{user_id}")
         assert response.status_code == 200, response.text

@@ -195,8 +195,13 @@ def test_add_shard_under_concurrent_writes(pg_server: PostgresServer) -> None:
                 await store.follow(a, b)
                 expected.add((a, b))
             executor = ReshardExecutor(directory, ReshardConfig(batch_rows=50, grace_s=0.2))
+            # the new shard's replica (here an alias of its database) is published with it
+            replica = Endpoint("social_3_replica", new_dsn)
             rec = await executor.plan(
-                MoveKind.ADD_SHARD, "social", new_endpoint=Endpoint("social_3", new_dsn)
+                MoveKind.ADD_SHARD,
+                "social",
+                new_endpoint=Endpoint("social_3", new_dsn),
+                new_replicas=(replica,),
             )
             assert len(rec.moves) == 128 // 3  # 42 of 128 logical shards: floor(L / (n + 1))
             stop = asyncio.Event()
@@ -211,6 +216,8 @@ def test_add_shard_under_concurrent_writes(pg_server: PostgresServer) -> None:
             assert app.routing.installed_version == 2
             current = await executor.current_map()
             assert len(current.group("social").shards) == 3
+            added = current.group("social").shards[2]
+            assert (added.primary.name, added.replicas) == ("social_3", (replica,))
             await _placement_check(directory, expected, executor)
             # reads through the store see every edge on the new placement
             for a in users[:20]:

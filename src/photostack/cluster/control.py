@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from photostack.cluster._roles import RoleKeeper, replication_routes
 from photostack.cluster.membership import Membership, MembershipError, pool_routes
 from photostack.cluster.ops_routes import ops_routes
-from photostack.cluster.reshard_ops import ReshardControl, reshard_routes
+from photostack.cluster.reshard_ops import GroupReplication, ReshardControl, reshard_routes
 from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
 
@@ -40,6 +40,8 @@ class ClusterInfo:
     data_dir: str
     urls: dict[str, str]
     ready: bool = False
+    # per product group, what `reshard add-shard` gives a new shard (plan.group_replication)
+    replication: dict[str, GroupReplication] = field(default_factory=dict)
 
 
 class _JSON(JSONResponse):
@@ -73,7 +75,7 @@ def create_control_app(supervisor: Supervisor, info: ClusterInfo, figures: Figur
     supervisor.before_launch = roles.before_launch
     supervisor.watchers.append(roles.run)
     # docs/resharding.md; photostack_shard_skew{group} in the registry, sampled by a watcher
-    reshard = ReshardControl(supervisor, Path(info.data_dir), registry)
+    reshard = ReshardControl(supervisor, Path(info.data_dir), registry, info.replication)
     supervisor.watchers += [reshard.resume, reshard.sample_metrics_forever]
 
     def node_or_404(name: str) -> ManagedNode:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,11 @@ from photostack.cluster.engines import (
 )
 from photostack.cluster.engines.base import Engine, ProcessSpec
 from photostack.cluster.nodes import NodeProcessConfig, PhotostackNodeEngine
-from photostack.cluster.reshard_ops import added_storage_nodes, retired_storage_nodes
+from photostack.cluster.reshard_ops import (
+    GroupReplication,
+    added_storage_nodes,
+    retired_storage_nodes,
+)
 from photostack.cluster.state import NodeLifecycle
 from photostack.cluster.supervisor import ManagedNode
 from photostack.cluster.topology import (
@@ -62,8 +66,11 @@ __all__ = [
     "build",
     "directory_map",
     "directory_settings",
+    "group_replication",
     "replication_policies",
+    "replication_settings",
     "shard_dsns",
+    "standby_names",
 ]
 
 DATABASE = "photostack"
@@ -155,18 +162,41 @@ def _sync_standbys(lay: Layout, node: NodeSpec) -> str:
         return synchronous_standby_names(ReplicationMode.SYNC, names) if replicas else ""
     if node.group is None or node.shard is None or node.group not in PRODUCT_GROUPS:
         return ""
-    mode = ReplicationMode(lay.topology.group(node.group).replication)
     primary, replicas = lay.shard_nodes(node.group, node.shard)
-    return synchronous_standby_names(mode, [r.name for r in replicas] + [primary.name])
+    mode = lay.topology.group(node.group).replication
+    return standby_names(mode, primary.name, [r.name for r in replicas])
+
+
+def standby_names(mode: str, primary: str, replicas: Sequence[str]) -> str:
+    """``synchronous_standby_names`` of every member of a product shard (``primary`` and its
+    ``replicas``) in replication ``mode``: also what ``reshard add-shard`` gives a new shard."""
+    from photostack.blocks.storage import ReplicationMode, synchronous_standby_names
+
+    return synchronous_standby_names(ReplicationMode(mode), [*replicas, primary])
 
 
 def _replication_settings(lay: Layout, node: NodeSpec) -> dict[str, str]:
+    group = node.group
+    mode = lay.topology.group(group).replication if group in PRODUCT_GROUPS else "async"
+    return replication_settings(mode)
+
+
+def replication_settings(mode: str) -> dict[str, str]:
     """What pg_rewind (wal_log_hints) and fast failure detection need; remote_apply groups."""
     settings = {"wal_log_hints": "on", "wal_receiver_timeout": "5s", "wal_sender_timeout": "5s"}
-    group = node.group
-    if group in PRODUCT_GROUPS and lay.topology.group(group).replication == "remote_apply":
+    if mode == "remote_apply":
         settings["synchronous_commit"] = "remote_apply"
     return settings
+
+
+def group_replication(lay: Layout) -> dict[str, GroupReplication]:
+    """Per product group: replication mode and replicas per shard, what a shard ``reshard
+    add-shard`` creates copies (docs/resharding.md)."""
+    return {
+        g.name: GroupReplication(g.replication, g.replicas)
+        for g in lay.topology.storage
+        if g.name in PRODUCT_GROUPS
+    }
 
 
 async def claim_initial_ownership(dsn: str, logical: tuple[int, ...], version: int) -> None:
@@ -273,7 +303,11 @@ def build(
     # shards `photostack reshard add-shard` created (their data and tables exist already) are
     retired = retired_storage_nodes(data.root)
     nodes = [n for n in nodes if n.name not in retired]
-    added = [n for n in added_storage_nodes(data.root, nodes) if n.name not in retired]
+    added = [
+        n
+        for n in added_storage_nodes(data.root, nodes, group_replication(lay))
+        if n.name not in retired
+    ]
     nodes += added
 
     primaries = [n for n in lay.nodes if n.is_primary and n.name not in retired]
@@ -299,11 +333,14 @@ def build(
     phases = [
         Phase("chaos", names(Role.CHAOS)),  # links listen before any consumer connects
         Phase(
-            "storage primaries", [n.name for n in primaries] + [n.name for n in added], init_storage
+            "storage primaries",
+            [n.name for n in primaries] + [n.name for n in added if n.spec.is_primary],
+            init_storage,
         ),
         Phase(
             "storage replicas",
-            [n.name for n in lay.nodes if n.replica_of and n.name not in retired],
+            [n.name for n in lay.nodes if n.replica_of and n.name not in retired]
+            + [n.name for n in added if not n.spec.is_primary],
         ),
         Phase("directory", names(Role.DIRECTORY)),
         Phase("media", names(Role.MEDIA)),  # uploads need both origins (docs/media.md)

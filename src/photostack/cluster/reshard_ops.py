@@ -5,11 +5,13 @@
 once the move is done its nodes (primary and replicas) are recorded in
 ``DATA/reshard-retired.json`` and stopped, and no later ``up`` starts them.
 
-``add-shard GROUP`` starts a new Postgres primary for the group (like the group's first primary,
-on the next free port), records it in ``DATA/reshard-nodes.json`` so every later ``up`` starts it
-with the others, creates its database and tables, then plans and runs the move
-(service/_reshard.py) in the background. A move left unfinished (supervisor stopped or crashed)
-resumes when the cluster is next ready. See docs/resharding.md.
+``add-shard GROUP`` starts a new shard for the group: a Postgres primary like the group's first
+primary and the group's streaming replicas of it, with the group's replication mode (on the next
+free ports; cluster/_reshard_nodes.py), records them in ``DATA/reshard-nodes.json`` so every later
+``up`` starts them with the others, creates the database and tables, then plans and runs the
+move (service/_reshard.py) in the background; the map it publishes lists the new shard's
+primary and replicas, so the failover coordinator watches it. A move left unfinished
+(supervisor stopped or crashed) resumes when the cluster is next ready. See docs/resharding.md.
 
 - ``POST /v1/reshard/{group}/add-shard`` -> 202 the move | 400 ``bad_reshard`` (one-line reason)
 - ``POST /v1/reshard/{group}/remove-shard/{shard}`` -> 202 the move | 400 ``bad_reshard``
@@ -24,10 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +38,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from photostack.cluster._reshard_nodes import (
+    NODES_FILE,
+    RETIRED_FILE,
+    GroupReplication,
+    added_storage_nodes,
+    member_names,
+    record_node,
+    record_retired,
+    retired_storage_nodes,
+    storage_member,
+    template_primary,
+)
 from photostack.cluster.engines import (
     EngineError,
-    PostgresConfig,
-    PostgresEngine,
     ensure_database,
     ensure_port_free,
     postgres_dsn,
 )
-from photostack.cluster.state import NodeLifecycle, NodeState
+from photostack.cluster.state import NodeState
 from photostack.cluster.supervisor import CommandRefused, ManagedNode, Supervisor
 from photostack.cluster.topology import NodeSpec, Role
 from photostack.service._hotshard import SkewTracker, sample_group, sample_loads
@@ -62,6 +74,7 @@ from photostack.service.schema import apply_schema
 __all__ = [
     "NODES_FILE",
     "RETIRED_FILE",
+    "GroupReplication",
     "ReshardControl",
     "added_storage_nodes",
     "prepare_storage",
@@ -71,8 +84,6 @@ __all__ = [
 
 log = logging.getLogger("photostack.reshard")
 
-NODES_FILE = "reshard-nodes.json"
-RETIRED_FILE = "reshard-retired.json"
 _DATABASE = "photostack"
 _READY_S = 120.0
 _RESUME_ERRORS: tuple[type[Exception], ...] = (ReshardError, *RETRYABLE)
@@ -92,48 +103,9 @@ def _ready(node: ManagedNode) -> bool:
     return node.lifecycle.state is NodeState.READY
 
 
-def _template(nodes: list[ManagedNode], group: str) -> ManagedNode | None:
-    """The group's first primary: the new shard's Postgres is configured like it."""
-    primaries = [
-        n
-        for n in nodes
-        if n.spec.group == group and n.spec.is_primary and isinstance(n.engine, PostgresEngine)
-    ]
-    return min(primaries, key=lambda n: n.spec.shard or 0) if primaries else None
-
-
-def _managed(template: ManagedNode, name: str, shard: int, port: int) -> ManagedNode:
-    assert isinstance(template.engine, PostgresEngine)
-    base = template.engine.config
-    config: PostgresConfig = dataclasses.replace(
-        base,
-        name=name,
-        pgdata=base.pgdata.with_name(name),
-        port=port,
-        log_path=base.log_path.with_name(f"{name}.log"),
-        primary=None,
-        synchronous_standby_names="",
-    )
-    return ManagedNode(
-        spec=NodeSpec(name, Role.STORAGE, template.spec.host, port, template.spec.group, shard),
-        engine=PostgresEngine(config),
-        log_path=config.log_path,
-        lifecycle=NodeLifecycle(name),
-    )
-
-
-def added_storage_nodes(data_root: Path, nodes: list[ManagedNode]) -> list[ManagedNode]:
-    """The storage primaries earlier ``add-shard`` commands created (``DATA/reshard-nodes.json``),
-    configured like their group's first primary; plan.build starts them with the primaries."""
-    path = data_root / NODES_FILE
-    if not path.exists():
-        return []
-    out = []
-    for entry in json.loads(path.read_text(encoding="utf-8")):
-        template = _template(nodes, entry["group"])
-        if template is not None:
-            out.append(_managed(template, entry["name"], int(entry["shard"]), int(entry["port"])))
-    return out
+def _endpoint(node: ManagedNode) -> Endpoint:
+    """How the map names a new shard's member (app nodes reach it directly)."""
+    return Endpoint(node.name, postgres_dsn(node.spec.host, node.spec.port, _DATABASE))
 
 
 async def prepare_storage(group: str, dsn: str) -> int:
@@ -144,45 +116,17 @@ async def prepare_storage(group: str, dsn: str) -> int:
     return await apply_schema(group, dsn)
 
 
-def retired_storage_nodes(data_root: Path) -> frozenset[str]:
-    """The storage nodes of shards ``remove-shard`` emptied (``DATA/reshard-retired.json``)."""
-    path = data_root / RETIRED_FILE
-    if not path.exists():
-        return frozenset()
-    return frozenset(str(n) for n in json.loads(path.read_text(encoding="utf-8")))
-
-
-def _record_retired(data_root: Path, names: list[str]) -> None:
-    retired = sorted(retired_storage_nodes(data_root) | set(names))
-    path = data_root / RETIRED_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(retired, indent=1), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _record_node(data_root: Path, node: ManagedNode) -> None:
-    path = data_root / NODES_FILE
-    entries = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
-    if all(e["name"] != node.name for e in entries):
-        entries.append(
-            {
-                "name": node.name,
-                "group": node.spec.group,
-                "shard": node.spec.shard,
-                "port": node.spec.port,
-            }
-        )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
-        tmp.replace(path)
-
-
 class ReshardControl:
     def __init__(
-        self, supervisor: Supervisor, data_root: Path, registry: CollectorRegistry | None = None
+        self,
+        supervisor: Supervisor,
+        data_root: Path,
+        registry: CollectorRegistry | None = None,
+        replication: Mapping[str, GroupReplication] | None = None,
     ) -> None:
         self._supervisor = supervisor
         self._data_root = data_root
+        self._replication = dict(replication or {})  # per group, from the topology
         self._executor: ReshardExecutor | None = None
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -225,10 +169,12 @@ class ReshardControl:
                 raise ReshardError(f"unknown group {group!r} (groups: {known})")
             # validated by planning first (nothing started): a dry run of the same checks
             await self._validate(executor, group)
-            node = await self._new_primary(group, self._next_number(group))
-            dsn = postgres_dsn(node.spec.host, node.spec.port, _DATABASE)
+            node, replicas = await self._new_shard(group, self._next_number(group))
             rec = await executor.plan(
-                MoveKind.ADD_SHARD, group, new_endpoint=Endpoint(node.name, dsn)
+                MoveKind.ADD_SHARD,
+                group,
+                new_endpoint=_endpoint(node),
+                new_replicas=tuple(map(_endpoint, replicas)),
             )
             executor.start(rec)
             return rec.to_json()
@@ -278,7 +224,7 @@ class ReshardControl:
         names = rec.retired_nodes()
         if not names:
             return
-        _record_retired(self._data_root, names)
+        record_retired(self._data_root, names)
         for name in names:
             if name in self._supervisor.nodes:
                 with contextlib.suppress(CommandRefused):
@@ -287,29 +233,59 @@ class ReshardControl:
 
     async def _validate(self, executor: ReshardExecutor, group: str) -> None:
         check_supported(group)
-        if _template(list(self._supervisor.nodes.values()), group) is None:
+        if template_primary(list(self._supervisor.nodes.values()), group) is None:
             raise ReshardError(f"no {group} primary to copy a new shard from")
 
-    async def _new_primary(self, group: str, shard: int) -> ManagedNode:
-        name = f"{group}-{shard}-primary"
-        node = self._supervisor.nodes.get(name)
+    async def _new_shard(self, group: str, shard: int) -> tuple[ManagedNode, list[ManagedNode]]:
+        """Start shard number ``shard`` of ``group``: its primary, then the group's replicas
+        streaming from it (a base backup needs the primary running), then create its database
+        and tables (replicated: a synchronous primary waits for its standbys)."""
+        template = template_primary(list(self._supervisor.nodes.values()), group)
+        assert template is not None
+        replication = self._replication.get(group, GroupReplication())
+        primary_name, replica_names = member_names(group, shard, replication.replicas)
+        spec = NodeSpec(primary_name, Role.STORAGE, template.spec.host, 0, group, shard)
+        primary = await self._start_member(template, spec, replica_names, template.name)
+        # in the replicas' phase: every later `up` (and shutdown) orders them after primaries
+        like = next(
+            (n.name for n in self._supervisor.nodes.values() if n.spec.replica_of),
+            primary.name,
+        )
+        replicas = []
+        for name in replica_names:
+            spec = NodeSpec(name, Role.STORAGE, template.spec.host, 0, group, shard, primary_name)
+            replicas.append(await self._start_member(template, spec, replica_names, like))
+        await ensure_database(primary.spec.host, primary.spec.port, _DATABASE)
+        await prepare_storage(group, _endpoint(primary).dsn)
+        return primary, replicas
+
+    async def _start_member(
+        self, template: ManagedNode, spec: NodeSpec, replicas: list[str], like: str
+    ) -> ManagedNode:
+        """Create (once: a retried add-shard reuses it), record and start one member of a new
+        shard on the next free port; wait until it is ready."""
+        node = self._supervisor.nodes.get(spec.name)
         if node is None:
-            template = _template(list(self._supervisor.nodes.values()), group)
-            assert template is not None
             port = await asyncio.to_thread(self._free_port, template.spec.host)
-            node = _managed(template, name, shard, port)
-            self._supervisor.add_node(node, like=template.name)
-            _record_node(self._data_root, node)
+            primary = self._supervisor.nodes.get(spec.replica_of or "")
+            mode = self._replication.get(template.spec.group or "", GroupReplication()).mode
+            node = storage_member(
+                template,
+                dataclasses.replace(spec, port=port),
+                replicas,
+                mode,
+                primary.spec.port if primary is not None else None,
+            )
+            self._supervisor.add_node(node, like=like)
+            record_node(self._data_root, node)
         if node.lifecycle.state is not NodeState.READY:
             if node.lifecycle.state in (NodeState.PENDING, NodeState.STOPPED, NodeState.FAILED):
-                await self._supervisor.start(name)
+                await self._supervisor.start(node.name)
             deadline = time.monotonic() + _READY_S
             while not _ready(node):
                 if time.monotonic() > deadline:
-                    raise ReshardError(f"{name} did not become ready (log: {node.log_path})")
+                    raise ReshardError(f"{node.name} did not become ready (log: {node.log_path})")
                 await asyncio.sleep(0.2)  # polling the supervisor's view under a deadline
-        await ensure_database(node.spec.host, node.spec.port, _DATABASE)
-        await prepare_storage(group, postgres_dsn(node.spec.host, node.spec.port, _DATABASE))
         return node
 
     def _free_port(self, host: str) -> int:

@@ -83,6 +83,7 @@ async def _run(lay: Layout, data: DataDir, out: Out) -> int:
             "static": f"http://{host}:{lay.static_port}",  # the CDN edge (docs/media.md)
             "dashboard": f"http://{host}:{lay.control_port}",
         },
+        replication=plan.group_replication(lay),
     )
     supervisor = Supervisor(
         nodes, [p.names for p in phases], on_event=lambda line: out(f"  {line}")

@@ -293,7 +293,9 @@ class ReshardExecutor(MoveBook):
         new = rec.plan.get("new_endpoint")
         shards = list(group.shards)
         if new is not None and len(shards) == int(rec.plan["new_shard"]):
-            shards.append(PhysicalShard(len(shards), Endpoint(new["name"], new["dsn"])))
+            added = rec.plan.get("new_replicas", ())
+            replicas = tuple(Endpoint(r["name"], r["dsn"]) for r in added)
+            shards.append(PhysicalShard(len(shards), Endpoint(new["name"], new["dsn"]), replicas))
         elif placed:
             return None  # published already (a resumed move)
         return current.successor(
@@ -360,6 +362,8 @@ class ReshardExecutor(MoveBook):
             moved = 0
             for index, logical in sources.items():
                 await self._drop_capture(conns[index], rec.group)
+                if index == rec.plan.get("removed_shard"):
+                    await self._unfence(conns[index])
                 moved += await self._delete_moved(rec, conns[index], set(logical))
         rec.progress["rows_moved"] = rec.progress.get("rows_moved", 0) + moved
         await self._figures(rec)
@@ -367,6 +371,17 @@ class ReshardExecutor(MoveBook):
         rec.progress["duration_s"] = round(
             rec.progress["finished_at"] - float(rec.progress["started_at"]), 2
         )
+
+    async def _unfence(self, conn: asyncpg.Connection[Any]) -> None:
+        """Lift a removed shard's write fence (docs/replication.md) before its clean-up: out of
+        the map, no coordinator renews its lease, so the fence would refuse the deletes. No app
+        writes there any more (its ownership rows went at the fence step); it is retired next."""
+        tables = await conn.fetch(
+            "SELECT tgrelid::regclass::text AS name FROM pg_trigger "
+            "WHERE tgname = 'photostack_fence' AND tgenabled <> 'D'"
+        )
+        for table in tables:
+            await conn.execute(f"ALTER TABLE {table['name']} DISABLE TRIGGER photostack_fence")
 
     async def _figures(self, rec: MoveRecord) -> None:
         """rows in the group now, and rows moved against the ideal ``rows / (n + 1)``."""

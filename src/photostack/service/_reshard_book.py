@@ -96,6 +96,7 @@ class MoveBook:
         group: str,
         *,
         new_endpoint: Endpoint | None = None,
+        new_replicas: Sequence[Endpoint] = (),
         shard: int | None = None,
         loads: Sequence[float] | None = None,
     ) -> MoveRecord:
@@ -107,6 +108,7 @@ class MoveBook:
             kind,
             group,
             new_endpoint=new_endpoint,
+            new_replicas=new_replicas,
             shard=shard,
             loads=loads,
             now=time.time(),

@@ -101,6 +101,7 @@ def plan_move(
     group: str,
     *,
     new_endpoint: Endpoint | None = None,
+    new_replicas: Sequence[Endpoint] = (),
     shard: int | None = None,
     loads: Sequence[float] | None = None,
     now: float = 0.0,
@@ -139,6 +140,8 @@ def plan_move(
         "new_endpoint": (
             {"name": new_endpoint.name, "dsn": new_endpoint.dsn} if new_endpoint else None
         ),
+        # the new shard's streaming replicas: published with it, so failover watches them
+        "new_replicas": [{"name": r.name, "dsn": r.dsn} for r in new_replicas],
         "base_version": current.version,
         "sources": {str(s): ls for s, ls in sources_of(placement, move.moves).items()},
         # Shards are found again by their members' node names, never by position alone: a
