@@ -12,6 +12,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -45,6 +46,74 @@ def _followers(api: httpx.Client, user_id: str) -> set[str]:
     return {u["id"] for u in response.json()["items"]}
 
 
+Reads = Callable[[httpx.Client, str, str], list[httpx.Response]]
+
+
+def _following_reads(client: httpx.Client, a: str, b: str) -> list[httpx.Response]:
+    return [
+        client.get(f"/v1/users/{a}/following", params={"limit": 100}),
+        client.get(f"/v1/users/{b}"),
+    ]
+
+
+def _followers_reads(client: httpx.Client, a: str, b: str) -> list[httpx.Response]:
+    return [
+        client.get(f"/v1/users/{b}/followers", params={"limit": 100}),
+        client.get(f"/v1/users/{a}"),
+    ]
+
+
+class FollowLoad:
+    """A thread that, while the ``with`` block runs, follows or unfollows a random pair of
+    ``ids`` through the edge and makes two ``reads`` after each, keeping ``expected`` (the
+    edges as written) and recording every answer that is not 200/204. Bounded by the move's
+    deadline as well as by the block."""
+
+    def __init__(
+        self,
+        api: str,
+        ids: list[str],
+        tokens: dict[str, dict[str, str]],
+        expected: set[tuple[str, str]],
+        *,
+        seed: int,
+        reads: Reads,
+    ) -> None:
+        self.api, self.ids, self.tokens, self.expected = api, ids, tokens, expected
+        self.seed, self.reads = seed, reads
+        self.failures: list[str] = []
+        self.ops = 0
+        self._done = threading.Event()
+        self._worker = threading.Thread(target=self._run)
+
+    def __enter__(self) -> FollowLoad:
+        self._worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._worker.join()
+
+    def _run(self) -> None:
+        local = random.Random(self.seed)
+        with httpx.Client(base_url=self.api, timeout=10) as client:
+            deadline = time.monotonic() + MOVE_DEADLINE_S + 60
+            while not self._done.is_set() and time.monotonic() < deadline:
+                a, b = local.sample(self.ids, 2)
+                path = f"/v1/users/{a}/following/{b}"
+                if (a, b) in self.expected and local.random() < 0.4:
+                    response = client.delete(path, headers=self.tokens[a])
+                    self.expected.discard((a, b))
+                else:
+                    response = client.put(path, headers=self.tokens[a])
+                    self.expected.add((a, b))
+                for answer in (response, *self.reads(client, a, b)):
+                    self.ops += 1
+                    if answer.status_code not in (200, 204):
+                        url, status = answer.request.url, answer.status_code
+                        self.failures.append(f"{url} {status} {answer.text}")
+
+
 def _status(cluster: RunningCluster) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(cluster.cli("reshard", "status", "--json").stdout)
     return body
@@ -75,36 +144,8 @@ def test_add_shard_under_load(cluster: RunningCluster, api: httpx.Client) -> Non
     assert "no reshard is in progress" in cluster.cli("reshard", "cancel", check=False).stderr
     assert json.loads(cluster.cli("directory", "show", "--json").stdout) == before
 
-    failures: list[str] = []
-    ops = 0
-    done = threading.Event()
-
-    def load() -> None:
-        nonlocal ops
-        local = random.Random(5)
-        with httpx.Client(base_url=cluster.api, timeout=10) as client:
-            deadline = time.monotonic() + MOVE_DEADLINE_S + 60
-            while not done.is_set() and time.monotonic() < deadline:
-                a, b = local.sample(ids, 2)
-                path = f"/v1/users/{a}/following/{b}"
-                if (a, b) in expected and local.random() < 0.4:
-                    response = client.delete(path, headers=tokens[a])
-                    expected.discard((a, b))
-                else:
-                    response = client.put(path, headers=tokens[a])
-                    expected.add((a, b))
-                reads = [
-                    client.get(f"/v1/users/{a}/following", params={"limit": 100}),
-                    client.get(f"/v1/users/{b}"),
-                ]
-                for answer in (response, *reads):
-                    ops += 1
-                    if answer.status_code not in (200, 204):
-                        failures.append(f"{answer.request.url} {answer.status_code} {answer.text}")
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    load = FollowLoad(cluster.api, ids, tokens, expected, seed=5, reads=_following_reads)
+    with load:
         started = cluster.cli("reshard", "add-shard", "social", check=False)
         assert started.returncode == 0, started.stderr
         assert "add-shard social -> social-3-primary" in started.stdout
@@ -116,11 +157,8 @@ def test_add_shard_under_load(cluster: RunningCluster, api: httpx.Client) -> Non
                 break
             time.sleep(0.5)  # polling the move's persisted state under a deadline
         assert move.get("state") == "done", move
-    finally:
-        done.set()
-        worker.join()
-    assert failures == []
-    assert ops > 50
+    assert load.failures == []
+    assert load.ops > 50
 
     after = json.loads(cluster.cli("directory", "show", "--json").stdout)
     social = after["groups"]["social"]
@@ -133,7 +171,8 @@ def test_add_shard_under_load(cluster: RunningCluster, api: httpx.Client) -> Non
     print(  # noqa: T201 - the figures, for the report
         f"reshard: {moved}/{logical} logical moved; rows moved {progress['rows_moved']} "
         f"of {progress['rows_total']} (x{progress['moved_vs_ideal']} the ideal); "
-        f"cut-over {progress['cutover_s']}s; {progress['duration_s']}s; {ops} requests, 0 failed"
+        f"cut-over {progress['cutover_s']}s; {progress['duration_s']}s; "
+        f"{load.ops} requests, 0 failed"
     )
 
     # every row readable afterwards, both ways, from its one owner
@@ -190,51 +229,20 @@ def test_remove_shard_under_load(cluster: RunningCluster, api: httpx.Client) -> 
     assert json.loads(cluster.cli("directory", "show", "--json").stdout) == before
     assert len(_status(cluster)["moves"]) == moves_before
 
-    failures: list[str] = []
-    ops = 0
-    done = threading.Event()
-
-    def load() -> None:
-        nonlocal ops
-        local = random.Random(8)
-        with httpx.Client(base_url=cluster.api, timeout=10) as client:
-            deadline = time.monotonic() + MOVE_DEADLINE_S + 60
-            while not done.is_set() and time.monotonic() < deadline:
-                a, b = local.sample(ids, 2)
-                path = f"/v1/users/{a}/following/{b}"
-                if (a, b) in expected and local.random() < 0.4:
-                    response = client.delete(path, headers=tokens[a])
-                    expected.discard((a, b))
-                else:
-                    response = client.put(path, headers=tokens[a])
-                    expected.add((a, b))
-                reads = [
-                    client.get(f"/v1/users/{b}/followers", params={"limit": 100}),
-                    client.get(f"/v1/users/{a}"),
-                ]
-                for answer in (response, *reads):
-                    ops += 1
-                    if answer.status_code not in (200, 204):
-                        failures.append(f"{answer.request.url} {answer.status_code} {answer.text}")
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    load = FollowLoad(cluster.api, ids, tokens, expected, seed=8, reads=_followers_reads)
+    with load:
         started = cluster.cli("reshard", "remove-shard", "social", "2", check=False)
         assert started.returncode == 0, started.stderr
         assert "remove-shard social shard 2 (social-2-primary)" in started.stdout
         move = _wait_done(cluster)
         assert move.get("state") == "done", move
         assert move["kind"] == "remove-shard"
-    finally:
-        done.set()
-        worker.join()
-    assert failures == []
-    assert ops > 50
+    assert load.failures == []
+    assert load.ops > 50
     print(  # noqa: T201 - the figures, for the report
         f"remove-shard: {move['moves']} logical shards, rows moved "
         f"{move['progress']['rows_moved']}, cut-over {move['progress']['cutover_s']}s, "
-        f"{move['progress']['duration_s']}s; {ops} requests, 0 failed"
+        f"{move['progress']['duration_s']}s; {load.ops} requests, 0 failed"
     )
 
     after = json.loads(cluster.cli("directory", "show", "--json").stdout)
