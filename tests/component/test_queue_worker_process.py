@@ -104,6 +104,13 @@ def test_worker_process_serves_health_and_metrics_and_stops_gracefully(
     proc = _worker(dsn, "proc", port, log, "--stop-deadline-s", "0.5")
     try:
         health = _wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+        until = time.monotonic() + 20
+        # The admin port may answer before the worker loop starts: 503 "new" means not ready yet.
+        while health.status_code == 503 and health.json()["status"] == "new":
+            if time.monotonic() > until:
+                pytest.fail("worker never left state 'new'")
+            time.sleep(0.05)
+            health = _wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
         assert health.status_code == 200
         assert health.json()["status"] == "ok"
 

@@ -57,6 +57,7 @@ from photostack.blocks.queue._policy import (
     decide_lost_lease,
     delay_tier_ms,
 )
+from photostack.blocks.queue._rabbit_acks import AckBatcher
 from photostack.blocks.queue._translate import DRIVER_ERRORS, translated
 
 __all__ = ["RabbitQueue", "delete_topology"]
@@ -64,6 +65,11 @@ __all__ = ["RabbitQueue", "delete_topology"]
 _RUN_AT = "x-photostack-run-at-ms"
 _KIND = "x-photostack-kind"
 _PUBLISH_TIMEOUT_S = 10.0
+#: Deliveries the broker may push ahead of the worker's free slots (prefetch = concurrency x
+#: this): the next batch is already here when a batch finishes, instead of one broker round trip
+#: later. They wait in the worker's inbox unstarted (status ``queued``) and go back to the broker
+#: on stop or crash.
+PREFETCH_HEADROOM = 2
 
 
 class RabbitQueue:
@@ -95,6 +101,7 @@ class RabbitQueue:
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._arrived = asyncio.Event()
         self._held: dict[str, AbstractIncomingMessage] = {}  # lease token -> delivery
+        self._acks = AckBatcher()  # of the consuming channel; a new one per channel
         self._completions = CompletionBatcher(lambda: self.store)
         self.names = _Names(config.name)
 
@@ -164,6 +171,7 @@ class RabbitQueue:
     async def aclose(self) -> None:
         await self.stop_consuming()
         await self._completions.aclose()
+        await self._acks.aclose()
         connection, self._connection = self._connection, None
         self._publisher = self._consumer = None
         if connection is not None:
@@ -267,14 +275,16 @@ class RabbitQueue:
             return
         async with translated("start consuming"):
             self._consumer = await self._connection_or_raise().channel()
+            self._acks = AckBatcher()
             # One prefetch for the channel, shared by the ready and due consumers.
-            await self._consumer.set_qos(prefetch_count=prefetch, global_=True)
+            await self._consumer.set_qos(prefetch_count=prefetch * PREFETCH_HEADROOM, global_=True)
             for name in (self.names.ready, self.names.due):
                 queue = await self._consumer.get_queue(name, ensure=False)
                 tag = await queue.consume(self._on_message)
                 self._consumers.append((queue, tag))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._acks.track(message)
         self._inbox.put_nowait(message)
         self._arrived.set()
 
@@ -286,7 +296,8 @@ class RabbitQueue:
         while not self._inbox.empty():  # delivered to us, never started: back to the broker
             message = self._inbox.get_nowait()
             with contextlib.suppress(*DRIVER_ERRORS):
-                await message.nack(requeue=True)
+                await self._acks.nack(message, requeue=True)
+        await self._acks.aclose()  # acks asked for are written before the channel may close
         if self._consumer is not None and not self._held:
             channel, self._consumer = self._consumer, None
             with contextlib.suppress(*DRIVER_ERRORS):
@@ -314,7 +325,7 @@ class RabbitQueue:
             for message in due:
                 entry = started.get(str(message.message_id))
                 if entry is None:  # finished already, or never committed: a duplicate
-                    await message.ack()
+                    self._acks.ack(message)
                     continue
                 old_state, lease = entry
                 if old_state is TaskState.RUNNING and (
@@ -323,7 +334,7 @@ class RabbitQueue:
                     await self.store.fail(
                         lease, TaskState.DEAD, 0.0, "worker lost on its last attempt"
                     )
-                    await message.nack(requeue=False)
+                    await self._acks.nack(message, requeue=False)
                     continue
                 self._held[lease.token] = message
                 leases.append(lease)
@@ -336,7 +347,7 @@ class RabbitQueue:
         tier = delay_tier_ms(remaining_s)
         if tier is not None:  # tiers round down: delay again for the rest
             await self._publish_raw(message, await self._tier("retry", tier))
-            await message.ack()
+            self._acks.ack(message)
             return False
         if remaining_s > 0:  # within the smallest tier: wait it out rather than run early
             await asyncio.sleep(remaining_s)
@@ -359,6 +370,8 @@ class RabbitQueue:
         message = self._held.get(lease.token)
         if message is None or message.channel.is_closed:
             self._held.pop(lease.token, None)
+            if message is not None:
+                self._acks.forget(message)
             raise LeaseLost(f"task {lease.task_id}: its delivery's channel is gone")
         return message
 
@@ -374,8 +387,9 @@ class RabbitQueue:
             await self._completions.complete(lease, text)
         finally:
             self._held.pop(lease.token, None)
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await message.ack()
+            # Batched with this turn's other acks; a lost ack means a redelivery that the
+            # status row (succeeded) turns into a dropped duplicate.
+            self._acks.ack(message)
 
     async def fail(self, lease: Lease, error: str, *, permanent: bool = False) -> TaskState:
         message = self._delivery(lease)
@@ -385,7 +399,7 @@ class RabbitQueue:
         async with translated("record failure"):
             await self.store.fail(lease, decision.state, decision.delay_s, error)
             if decision.state is TaskState.DEAD:
-                await message.nack(requeue=False)  # -> q.dlx -> q.dead
+                await self._acks.nack(message, requeue=False)  # -> q.dlx -> q.dead
                 return decision.state
             copy = aio_pika.Message(
                 message.body,
@@ -404,7 +418,7 @@ class RabbitQueue:
             await self._channel.default_exchange.publish(
                 copy, routing_key=route, timeout=_PUBLISH_TIMEOUT_S
             )
-            await message.ack()
+            self._acks.ack(message)
         return decision.state
 
     async def release(self, lease: Lease) -> None:
@@ -412,7 +426,7 @@ class RabbitQueue:
         self._held.pop(lease.token, None)
         async with translated("release"):
             await self.store.release(lease)
-            await message.nack(requeue=True)
+            await self._acks.nack(message, requeue=True)
 
     async def reap_expired(self) -> ReapResult:
         # The broker redelivers a dead consumer's messages itself when its channel closes.
