@@ -146,6 +146,39 @@ def test_reset_after_send_post_is_not_retried_but_get_is() -> None:
     run(main())
 
 
+def test_a_body_cut_off_after_the_head_is_asked_again_only_when_idempotent() -> None:
+    """A backend killed between its head and its body: nothing reached the caller, so a GET is
+    asked again on the other backend; a POST without a key may have been processed: raised."""
+
+    async def cut(backend: FakeBackend, request: RecordedRequest) -> FakeReply:
+        return FakeReply(200, body=b"0123456789", action=FakeAction.CUT_AFTER_HEAD)
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            broken, good = FakeBackend("app-1", cut), FakeBackend("app-2")
+            client = await client_for(stack, await start(stack, broken, good))
+            for i in range(4):
+                response = await client.request("GET", f"/g/{i}")
+                assert response.status == 200
+                assert response.backend == "app-2"
+            assert broken.requests  # the cut-off tries did reach app-1
+        async with AsyncExitStack() as stack:
+            broken, good = FakeBackend("app-1", cut), FakeBackend("app-2")
+            client = await client_for(stack, await start(stack, broken, good))
+            outcomes: list[str] = []
+            for i in range(2):
+                try:
+                    outcomes.append((await client.request("POST", f"/p/{i}", body=b"x")).backend)
+                except (UpstreamConnectError, UpstreamProtocolError):
+                    outcomes.append("raised")
+            assert sorted(outcomes) == ["app-2", "raised"]
+            assert [r.target for r in good.requests] == [
+                t for t in ("/p/0", "/p/1") if t not in {r.target for r in broken.requests}
+            ]
+
+    run(main())
+
+
 def test_idempotency_key_makes_post_retriable() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:

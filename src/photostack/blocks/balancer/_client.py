@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from photostack.blocks.balancer._config import ClientConfig
+from photostack.blocks.balancer._errors import UpstreamConnectError, UpstreamProtocolError
 from photostack.blocks.balancer._health import Backend
 from photostack.blocks.balancer._pool import Clock
+from photostack.blocks.balancer._retry import is_idempotent, max_tries_for
 from photostack.blocks.balancer._upstream import Upstream, UpstreamHooks
 
 __all__ = ["SmartClient", "UpstreamResponse"]
@@ -80,14 +82,32 @@ class SmartClient:
         retries and body included.
         """
         loop = asyncio.get_running_loop()
-        total_s = self._upstream.config.request_timeout_s if timeout_s is None else timeout_s
+        up = self._upstream
+        total_s = up.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = loop.time() + total_s
-        response = await self._upstream.open(
-            method, path, headers=headers, body=body, timeout_s=total_s
-        )
-        async with response:
-            data = await response.read_all(deadline=deadline)
-        return UpstreamResponse(response.status, response.headers, data, response.backend)
+        # The head arrived but the body broke off (a backend killed between its head and body
+        # writes): nothing reached the caller yet, so an idempotent request is asked again on
+        # the backends that remain, within the same deadline and retry budget.
+        body_retries = max_tries_for(len(up.pool), up.config.max_tries) - 1
+        while True:
+            response = await up.open(
+                method, path, headers=headers, body=body, timeout_s=deadline - loop.time()
+            )
+            try:
+                async with response:
+                    data = await response.read_all(deadline=deadline)
+            except (UpstreamConnectError, UpstreamProtocolError):
+                if (
+                    body_retries <= 0
+                    or not is_idempotent(method, headers)
+                    or loop.time() >= deadline
+                    or not up.budget.try_spend()
+                ):
+                    raise
+                body_retries -= 1
+                up.hooks.on_retry(response.backend, "body")
+                continue
+            return UpstreamResponse(response.status, response.headers, data, response.backend)
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per backend: name, address, state, in_flight, failures, markdowns, connections."""

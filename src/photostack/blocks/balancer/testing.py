@@ -62,6 +62,7 @@ class FakeAction(enum.Enum):
     RESET = "reset"  # drop the connection after reading the request, answer nothing
     GARBAGE = "garbage"  # answer bytes that are not HTTP
     CLOSE_AFTER = "close_after"  # answer, then close without saying so (a stale keep-alive)
+    CUT_AFTER_HEAD = "cut_after_head"  # the head and half the body, then drop (killed mid-answer)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,12 @@ class _FakeProtocol(asyncio.Protocol):
                 async for chunk in reply.stream():
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 transport.write(b"0\r\n\r\n")
+            elif reply.action is FakeAction.CUT_AFTER_HEAD:
+                lines.append(f"Content-Length: {len(reply.body)}\r\n\r\n")
+                half = reply.body[: len(reply.body) // 2]
+                transport.write("".join(lines).encode("latin-1") + half)
+                transport.abort()
+                return
             else:
                 lines.append(f"Content-Length: {len(reply.body)}\r\n\r\n")
                 transport.write("".join(lines).encode("latin-1") + reply.body)
